@@ -280,7 +280,7 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
     log_alpha = torch.zeros(1, requires_grad=True)
     alpha_opt = torch.optim.Adam([log_alpha], lr=1e-3)
     target_entropy = -float(act_dim)
-    gamma, tau, batch_size, learning_starts = 0.99, 0.005, 256, 5000
+    gamma, tau, batch_size, learning_starts = 0.99, 0.005, 256, min(5000, args.policy_steps // 10)
     n = args.policy_steps
     buf = {k: np.zeros((n, d), np.float32) for k, d in
            [("obs", obs_dim), ("act", act_dim), ("next_obs", obs_dim), ("rew", 1), ("term", 1)]}
@@ -441,7 +441,7 @@ def dataset_exists(dataset_id: str) -> bool:
     return os.path.exists(os.path.join(minari.storage.get_dataset_path(), dataset_id))
 
 
-def write_dataset(dataset_id: str, overwrite: bool, **create_kwargs):
+def write_dataset(dataset_id: str, overwrite: bool, generation: dict, **create_kwargs):
     """Create the dataset in a staging root, then move it under its final id in one rename, so an interrupted
     run never leaves a half-written dataset under a final id."""
     import minari
@@ -449,7 +449,8 @@ def write_dataset(dataset_id: str, overwrite: bool, **create_kwargs):
     staging = f"{root.rstrip(os.sep)}-staging-{os.getpid()}"
     os.environ["MINARI_DATASETS_PATH"], previous = staging, os.environ.get("MINARI_DATASETS_PATH")
     try:
-        minari.create_dataset_from_buffers(dataset_id=dataset_id, **create_kwargs)
+        ds = minari.create_dataset_from_buffers(dataset_id=dataset_id, **create_kwargs)
+        ds.storage.update_metadata({"v2a_generation": json.dumps(generation)})
     finally:
         if previous is None:
             del os.environ["MINARI_DATASETS_PATH"]
@@ -485,8 +486,16 @@ def generate(args: Args, robot: str):
                   code_permalink="data_gen.py", requirements=[f"mujoco=={mujoco.__version__}"])
     jobs = [(target_id, "nominal", "medium", args.target_size)] + [
         (i, d, q, int(args.source_size * w / total_w)) for i, (d, q, w) in zip(source_ids, entries)]
-    for dataset_id, domain, quality, _ in jobs:  # check everything before the first minute of collection
+    def generation(domain, quality, n):  # what makes a dataset: re-running with the same values reuses it
+        return {"env_id": args.env_id, "domain": domain, "quality": quality, "transitions": n, "seed": args.seed,
+                "mixture": args.source if domain != "nominal" else None}
+
+    for dataset_id, domain, quality, n in jobs:  # check everything before the first minute of collection
         if dataset_exists(dataset_id) and not args.overwrite:
+            stored = minari.load_dataset(dataset_id).storage.metadata.get("v2a_generation")
+            if stored is None or json.loads(stored) != generation(domain, quality, n):
+                raise DataGenError(f"dataset {dataset_id} exists but was made with other arguments ({stored}); "
+                                   f"pass --overwrite to replace it")
             continue
         load_actor(args, robot, domain, quality)
     if not dataset_exists(target_id) or args.overwrite:
@@ -515,7 +524,7 @@ def generate(args: Args, robot: str):
                 f"V2A source component {domain}:{quality} ({n} transitions, {policy}) of the mixture "
                 f"'{args.source}' for target {args.env_id}; shift '{domain}' applied by data_gen:make_shifted_env. "
                 f"Episode metadata: options.domain, options.quality. Seed {args.seed}.")
-        write_dataset(dataset_id, args.overwrite, **kwargs)
+        write_dataset(dataset_id, args.overwrite, generation(domain, quality, n), **kwargs)
         print(f"[{k + 1}/{len(jobs)}] wrote {dataset_id} ({domain}:{quality}, {n} transitions) in "
               f"{time.time() - t0:.0f} s; total {time.time() - start:.0f} s")
     print(f"\nDatasets for {args.env_id} (MINARI_DATASETS_PATH={minari.storage.get_dataset_path()}):")
