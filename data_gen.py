@@ -64,13 +64,14 @@ JOINT_RANGE_SCALE = {"easy": 0.8, "medium": 0.5, "hard": 0.2}  # ODRL: Hopper le
 LIMB_LENGTH_SCALE = {"easy": 0.8, "medium": 0.6, "hard": 0.4}  # ODRL: Hopper foot capsule x0.8 ... x0.4
 TORSO_SCALE = {"easy": (1.2, 1.5), "medium": (1.6, 2.0), "hard": (2.0, 2.5)}  # (length, radius): torso 0.4->0.8, r 0.05->0.125
 ROBOTS = {
-    # robot: kinematic joint groups, morphology parts {part: (kind, geoms)}
+    # robot: kinematic joint groups, morphology parts {part: (kind, geoms)}; kinds: torso (longer and thicker,
+    # growing upwards), girth (thicker only), limb (shorter)
     "Hopper": dict(joints={"legjnt": ["leg_joint"], "footjnt": ["foot_joint"]},
                    parts={"torso": ("torso", ["torso_geom"]), "foot": ("limb", ["foot_geom"])}),
     "Walker2d": dict(joints={"thighjnt": ["thigh_joint", "thigh_left_joint"], "footjnt": ["foot_joint", "foot_left_joint"]},
                      parts={"torso": ("torso", ["torso_geom"]), "foot": ("limb", ["foot_geom", "foot_left_geom"])}),
     "HalfCheetah": dict(joints={"thighjnt": ["bthigh", "fthigh"], "footjnt": ["bfoot", "ffoot"]},
-                        parts={"torso": ("torso", ["torso", "head"]), "foot": ("limb", ["bfoot", "ffoot"])}),
+                        parts={"torso": ("girth", ["torso", "head"]), "foot": ("limb", ["bfoot", "ffoot"])}),
     "Ant": dict(joints={"hipjnt": [f"hip_{i}" for i in range(1, 5)], "anklejnt": [f"ankle_{i}" for i in range(1, 5)]},
                 parts={"alllegs": ("limb", ["left_ankle_geom", "right_ankle_geom", "third_ankle_geom", "fourth_ankle_geom"]),
                        "halflegs": ("limb", ["left_ankle_geom", "right_ankle_geom"])}),
@@ -140,6 +141,8 @@ def build_shifted_model(xml_path: str, robot: str, domain: str) -> mujoco.MjMode
             if kind == "torso":
                 length_scale, radius_scale = TORSO_SCALE[level]
                 _scale_capsule(spec.geom(name), length_scale, radius_scale, keep_bottom=True)
+            elif kind == "girth":  # the legs hang from the ends of HalfCheetah's torso: change its radius only
+                _scale_capsule(spec.geom(name), 1.0, TORSO_SCALE[level][1], keep_bottom=False)
             else:
                 _scale_capsule(spec.geom(name), LIMB_LENGTH_SCALE[level], 1.0, keep_bottom=False)
     model = spec.compile()
@@ -417,8 +420,12 @@ def collect(env: gym.Env, actor: Optional[Actor], n_transitions: int, seed: int,
     """Whole episodes until `n_transitions`; the last episode is cut there (flagged as truncated), so no
     transition spans two episodes. Actions are sampled from the stochastic policy, as D4RL's were."""
     from minari.data_collector.episode_buffer import EpisodeBuffer
-    rng, buffers, count, ep = np.random.default_rng(seed), [], 0, 0
+    rng, buffers, count, ep, start, next_report = np.random.default_rng(seed), [], 0, 0, time.time(), 0.25
     while count < n_transitions:
+        if count >= next_report * n_transitions:
+            eta = (time.time() - start) * (n_transitions - count) / count
+            print(f"      {count}/{n_transitions} transitions, ETA {eta:.0f} s", flush=True)
+            next_report += 0.25
         obs, _ = env.reset(seed=seed + ep)
         o, a, r, te, tr = [obs], [], [], [], []
         while True:
@@ -505,6 +512,7 @@ def generate(args: Args, robot: str):
         if dataset_exists(dataset_id) and not args.overwrite:
             print(f"[{k + 1}/{len(jobs)}] reusing {dataset_id} (pass --overwrite to regenerate)")
             continue
+        print(f"[{k + 1}/{len(jobs)}] collecting {dataset_id} ({domain}:{quality}, {n} transitions)", flush=True)
         env, t0 = make_domain_env(args.env_id, domain), time.time()
         actor, info = load_actor(args, robot, domain, quality)
         buffers = collect(env, actor, n, seed=args.seed + 1_000_000 * k, options={"domain": domain, "quality": quality})
@@ -525,8 +533,7 @@ def generate(args: Args, robot: str):
                 f"'{args.source}' for target {args.env_id}; shift '{domain}' applied by data_gen:make_shifted_env. "
                 f"Episode metadata: options.domain, options.quality. Seed {args.seed}.")
         write_dataset(dataset_id, args.overwrite, generation(domain, quality, n), **kwargs)
-        print(f"[{k + 1}/{len(jobs)}] wrote {dataset_id} ({domain}:{quality}, {n} transitions) in "
-              f"{time.time() - t0:.0f} s; total {time.time() - start:.0f} s")
+        print(f"      written in {time.time() - t0:.0f} s; total {time.time() - start:.0f} s", flush=True)
     print(f"\nDatasets for {args.env_id} (MINARI_DATASETS_PATH={minari.storage.get_dataset_path()}):")
     for dataset_id, domain, quality, _ in jobs:
         ds = minari.load_dataset(dataset_id)
