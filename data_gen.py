@@ -387,7 +387,7 @@ def parse_source(spec: str) -> list[tuple[str, str, float]]:
 
 
 def size_tag(n: int) -> str:
-    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+    return f"{n // 1000}k" if n >= 10_000 else str(n)  # a label: the exact count is in the dataset
 
 
 def dataset_ids(env_id: str, source: str, source_size: int, target_size: int) -> tuple[list[str], str]:

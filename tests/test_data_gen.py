@@ -82,7 +82,7 @@ def test_parse_source():
             dg.parse_source(bad)
     src, tgt = dg.dataset_ids("Hopper-v4", "gravity-0.5:random,torso-hard:expert", 1_000_000, 5000)
     assert src == ["v2a/hopper-v4/source/gravity0p5-random-500k-v0", "v2a/hopper-v4/source/torsohard-expert-500k-v0"]
-    assert tgt == "v2a/hopper-v4/target/medium-5k-v0"
+    assert tgt == "v2a/hopper-v4/target/medium-5000-v0"
 
 
 def test_datasets(tiny_data):

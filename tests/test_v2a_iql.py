@@ -1,0 +1,246 @@
+"""v2a_iql.py: the losses and the filter on hand-checkable inputs, the relabelling, input errors, and tiny end-to-end
+runs of every variant (plus --resume and --reuse-stages) on the `tiny_data` datasets."""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import v2a_iql as v
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE_BUDGETS = ["--repr-steps", "20", "--sql-steps", "20", "--info-steps", "20"]
+TINY_BUDGETS = STAGE_BUDGETS + ["--total-steps", "100", "--eval-freq", "50", "--eval-episodes", "1", "--log-freq", "50"]
+STAGE_FILES = {"v2a": [1, 2, 3, 4, 5], "dvdf": [3, 4, 5], "igdf": [4, 5], "merged": [5], "target": [5]}
+
+
+# ---- losses --------------------------------------------------------------------------------------------------------
+def test_expectile_loss():
+    u = torch.tensor([1.0, -1.0, 2.0])
+    assert v.expectile_loss(u, 0.7).item() == pytest.approx((0.7 * 1 + 0.3 * 1 + 0.7 * 4) / 3)
+
+
+def test_sql_v_loss():
+    # A = q - v = 0: sp = 1 -> 1 + v/alpha
+    assert v.sql_v_loss(torch.tensor([2.0]), torch.tensor([2.0]), 0.5).item() == pytest.approx(1 + 2 / 0.5)
+    # A = -4 alpha: sp = -1 < 0 -> only v/alpha
+    assert v.sql_v_loss(torch.tensor([-0.8]), torch.tensor([0.0]), 0.2).item() == pytest.approx(0.0)
+    # A = 2 alpha: sp = 2 -> 4 + v/alpha
+    assert v.sql_v_loss(torch.tensor([1.4]), torch.tensor([1.0]), 0.2).item() == pytest.approx(4 + 5)
+
+
+def test_td_loss_weighted_sum_over_critics():
+    q, y, w = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([0.0, 0.0]), torch.tensor([2.0, 1.0])
+    assert v.td_loss(q, y).item() == pytest.approx((1 + 4) / 2 + 0)
+    assert v.td_loss(q, y, w).item() == pytest.approx((2 * 1 + 1 * 4) / 2)
+
+
+def test_awr_actor_loss_uses_tanh_mean_and_clamps():
+    mean, a = torch.zeros(2, 3), torch.full((2, 3), 0.5)
+    assert v.awr_actor_loss(mean, a, torch.zeros(2), 3.0).item() == pytest.approx(0.25)
+    assert v.awr_actor_loss(mean, a, torch.full((2,), 10.0), 3.0).item() == pytest.approx(25.0)  # exp(30) -> 100
+
+
+def test_info_nce_loss():
+    B, k = 4, 3
+    assert v.info_nce_loss(torch.zeros(B, k), torch.ones(B, k), torch.ones(B - 1, k)).item() == pytest.approx(math.log(2))
+    phi, pos, neg = torch.randn(B, k), torch.randn(B, k), torch.randn(B - 1, k)
+    ref = sum(F.binary_cross_entropy_with_logits(phi[i] @ torch.cat([pos[i : i + 1], neg]).T,
+                                                 torch.tensor([1.0] + [0.0] * (B - 1)), reduction="sum") for i in range(B))
+    assert v.info_nce_loss(phi, pos, neg).item() == pytest.approx(ref.item() / (B * B), rel=1e-5)  # per-row layout
+
+
+def test_cosine_score():
+    x = torch.tensor([[1.0, 2.0], [1.0, 0.0]])
+    assert v.cosine_score(x, 3 * x).tolist() == pytest.approx([1.0, 1.0])
+    assert v.cosine_score(x, -x).tolist() == pytest.approx([-1.0, -1.0])
+    assert v.cosine_score(x, torch.tensor([[-2.0, 1.0], [0.0, 5.0]])).tolist() == pytest.approx([0.0, 0.0])
+
+
+def test_tc_elbo_losses():
+    B, T, ds, da, zd, K = 2, 4, 3, 2, 5, 3
+    dec = v.EnsembleMLP(K, ds + da + zd, ds, decoder_init=True)
+    for p in dec.parameters():
+        p.data.zero_()  # predicts 0 everywhere
+    delta = torch.arange(B * T * ds, dtype=torch.float32).view(B, T, ds)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    z, zeros = torch.randn(B, zd), torch.zeros(B, zd)
+    rec, kl = v.tc_elbo_losses(dec, torch.randn(B, T, ds), torch.randn(B, T, da), delta, mask, z, zeros, zeros)
+    expected = (delta**2).sum(-1)[mask.bool()].sum() / (mask.sum() * ds)  # padded steps do not count
+    assert rec.item() == pytest.approx(expected.item())
+    assert kl.item() == pytest.approx(0.0)
+    _, kl = v.tc_elbo_losses(dec, torch.randn(B, T, ds), torch.randn(B, T, da), delta, mask, z, torch.ones(B, zd), zeros)
+    assert kl.item() == pytest.approx(0.5 * zd)
+
+
+def test_ensemble_mlp_is_independent_members():
+    torch.manual_seed(0)
+    net, x = v.EnsembleMLP(3, 4, 2), torch.randn(5, 4)
+    out = net(x)
+    for k in range(3):
+        h = x
+        for i, (w, b) in enumerate(zip(net.w, net.b)):
+            h = h @ w[k] + b[k]
+            h = torch.relu(h) if i < 2 else h
+        assert torch.allclose(out[k], h, atol=1e-6)
+    dec = v.EnsembleMLP(3, 4, 2, decoder_init=True)
+    assert (dec.b[0] == 0.1).all() and dec.w[-1].abs().max() <= 3e-3
+
+
+# ---- filter --------------------------------------------------------------------------------------------------------
+def test_filter_scores_minmax_and_tradeoff():
+    h, adv = torch.tensor([0.5, -0.5, 0.0, 1.0]), torch.tensor([3.0, -1.0, 1.0, 7.0])
+    f, adv_norm = v.filter_scores(h, adv, 0.6)
+    assert adv_norm.min().item() == pytest.approx(0.0) and adv_norm.max().item() == pytest.approx(1.0, abs=1e-6)
+    assert adv_norm.tolist() == pytest.approx([0.5, 0.0, 0.25, 1.0], abs=1e-6)
+    assert f.tolist() == pytest.approx((0.6 * h + 0.4 * adv_norm).tolist())
+    assert v.filter_scores(h, adv, 1.0)[0].tolist() == pytest.approx(h.tolist())  # lambda = 1: IGDF's ranking
+    batched = v.filter_scores(torch.zeros(3, 8), torch.randn(3, 8) * 100, 0.0)[1]  # per-row min-max
+    assert (batched >= 0).all() and (batched <= 1).all() and torch.allclose(batched.amax(1), torch.ones(3), atol=1e-6)
+
+
+def test_kept_count_and_select_kept():
+    assert [v.kept_count(128, xi) for xi in (0.5, 0.75, 1.0, 0.001, 0.3)] == [64, 96, 128, 1, 38]
+    f = torch.tensor([0.1, 0.9, 0.3, 0.7, 0.5])
+    assert sorted(v.select_kept(f, 2).tolist()) == [1, 3]
+    assert v.select_kept(torch.randn(4, 128), v.kept_count(128, 0.5)).shape == (4, 64)
+
+
+def test_source_weight_clamp_and_range():
+    assert v.source_weight(torch.tensor([10.0])).item() == 100.0
+    w = v.source_weight(torch.linspace(-1, 1, 11))
+    assert w.min().item() == pytest.approx(math.exp(-1)) and w.max().item() == pytest.approx(math.e)
+
+
+# ---- relabelling ---------------------------------------------------------------------------------------------------
+def test_relabel_full_trajectory_z_constant_within_trajectory():
+    torch.manual_seed(0)
+    ds, da, lens = 3, 2, torch.tensor([5, 1, 12, 3, 7])
+    data = torch.randn(int(lens.sum()), 2 * ds + da + 2)
+    d = dict(data=data, ds=ds, da=da, traj_len=lens, traj_start=torch.cumsum(lens, 0) - lens,
+             traj_id=torch.repeat_interleave(torch.arange(len(lens)), lens))
+    enc = v.TrajectoryEncoder(2 * ds + da, 4)
+    z = v.relabel(enc, d, chunk=2)  # chunks pad shorter trajectories: padding must not change z
+    for i, (s0, n) in enumerate(zip(d["traj_start"].tolist(), lens.tolist())):
+        s, a, _, s2, _ = v.split(data[s0 : s0 + n][None], ds, da)
+        alone = enc(torch.cat([s, a, s2 - s], -1), torch.tensor([n]))[0][0]
+        assert torch.allclose(z[i], alone.detach(), atol=1e-5)
+    z_rows = z[d["traj_id"]]  # per-transition z, as stage 3 and the filter read it
+    for i, (s0, n) in enumerate(zip(d["traj_start"].tolist(), lens.tolist())):
+        assert (z_rows[s0 : s0 + n] == z[i]).all()
+
+
+def test_dataset_ids_and_parse_source_match_data_gen():
+    import data_gen
+    assert v.DEFAULT_SOURCE == data_gen.Args().source
+    src, tgt = v.dataset_ids("Hopper-v4", v.DEFAULT_SOURCE, 1_000_000, 100_000)
+    assert src == ["v2a/hopper-v4/source/torsohard-random-333k-v0", "v2a/hopper-v4/source/gravity0p5-medium-333k-v0",
+                   "v2a/hopper-v4/source/legjnthard-expert-333k-v0"]  # int(1e6 / 3) = 333333, tagged 333k
+    assert tgt == "v2a/hopper-v4/target/medium-100k-v0"
+    for spec in ("a-1:expert:2,b:random", "gravity-0.5:random:1.5,torso-hard:medium:0.5"):
+        assert v.dataset_ids("Walker2d-v5", spec, 30_000, 5000) == data_gen.dataset_ids("Walker2d-v5", spec, 30_000, 5000)
+    assert v.parse_source("a-1:expert:2") == [("a-1", "expert", 2.0)]
+    for bad in ("gravity-0.5", "x:good", "x:random:-1", ""):
+        with pytest.raises(SystemExit, match="v2a_iql.py: error"):
+            v.parse_source(bad)
+
+
+def test_space_mismatch_is_one_line(tiny_data, tmp_path, monkeypatch):
+    import shutil
+
+    import gymnasium as gym
+    import minari
+    import numpy as np
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+    shutil.copytree(tiny_data["minari_path"], tmp_path, dirs_exist_ok=True)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    bad_id = v.dataset_ids(tiny_data["env_id"], tiny_data["source"], tiny_data["source_size"], tiny_data["target_size"])[0][0]
+    minari.delete_dataset(bad_id)
+    buf = EpisodeBuffer(observations=np.zeros((11, 5)), actions=np.zeros((10, 3)), rewards=np.zeros(10),
+                        terminations=np.zeros(10, bool), truncations=np.ones(10, bool))
+    minari.create_dataset_from_buffers(bad_id, [buf], observation_space=gym.spaces.Box(-np.inf, np.inf, (5,)),
+                                       action_space=gym.spaces.Box(-1, 1, (3,)))
+    args = v.Args(env_id=tiny_data["env_id"], source=tiny_data["source"], source_size=tiny_data["source_size"],
+                  target_size=tiny_data["target_size"], generate=False)
+    with pytest.raises(SystemExit, match=r"v2a_iql.py: error: the spaces of .* differ from the target's"):
+        v.main(args)
+
+
+# ---- bad input: one clear line, no traceback ----------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,message", [
+    (dict(xi=0.0), "--xi must lie in"), (dict(xi=1.5), "--xi must lie in"), (dict(tradeoff=-0.1), "--tradeoff in"),
+    (dict(repr_steps=0), "--repr-steps must be > 0"), (dict(variant="dvdf", sql_steps=0), "--sql-steps must be > 0"),
+    (dict(variant="igdf", info_steps=0), "--info-steps must be > 0"), (dict(total_steps=0), "--total-steps must be > 0"),
+    (dict(variant="merged", tradeoff=0.5), "--tradeoff applies to"),
+    (dict(generate=False), "missing datasets"),
+])
+def test_bad_input_is_one_line(overrides, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))  # empty: datasets are missing
+    with pytest.raises(SystemExit) as e:
+        v.main(v.Args(**overrides))
+    assert str(e.value).startswith("v2a_iql.py: error:") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_non_finite_loss_stops_the_stage():
+    class Writer:
+        def add_scalar(self, *a):
+            pass
+    with pytest.raises(SystemExit, match="non-finite loss in stage X at step 2"):
+        v.run_stage("stage X", 5, lambda i: torch.tensor([float("nan") if i == 2 else 1.0]), ["l"], Writer(), 1)
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------------
+def run(cwd, *args, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "v2a_iql.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"v2a_iql.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_variant(cwd, tiny_data, variant, *extra):
+    proc = run(cwd, *tiny_data["base_args"], *TINY_BUDGETS, "--variant", variant, *extra)
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", f"*__{variant}__*"))
+    return proc, run_dir
+
+
+@pytest.fixture(scope="module")
+def v2a_run(tiny_data, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("v2a")
+    return cwd, *run_variant(cwd, tiny_data, "v2a")
+
+
+@pytest.mark.parametrize("variant", list(STAGE_FILES))
+def test_end_to_end(variant, tiny_data, tmp_path, request):
+    if variant == "v2a":
+        _, proc, run_dir = request.getfixturevalue("v2a_run")
+    else:
+        proc, run_dir = run_variant(tmp_path, tiny_data, variant)
+    assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    assert sorted(glob.glob(os.path.join(run_dir, "stage*.pt"))) == [os.path.join(run_dir, f"stage{k}.pt")
+                                                                      for k in STAGE_FILES[variant]]
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    assert [e[0] for e in results["evals"]] == [50, 100] and math.isfinite(results["final_normalized_score"])
+    assert torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)["step"] == 100
+    if variant in ("v2a", "dvdf"):
+        assert "filter/adv" in open(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))[0], "rb").read().decode("latin1")
+
+
+def test_resume_and_reuse_stages(v2a_run, tiny_data):
+    cwd, _, run_dir = v2a_run
+    proc = run(cwd, *tiny_data["base_args"], *TINY_BUDGETS[:-8], "--total-steps", "150", "--eval-freq", "50",
+               "--eval-episodes", "1", "--resume", os.path.relpath(run_dir, cwd))
+    for k in (1, 2, 3, 4, 5):
+        assert f"[stage {k}] loaded" in proc.stdout
+    assert "resuming from step 100" in proc.stdout and "[stage 1 TC-ELBO]" not in proc.stdout
+    assert torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)["step"] == 150
+    assert [e[0] for e in json.load(open(os.path.join(run_dir, "results.json")))["evals"]] == [50, 100, 150]
+    proc = run(cwd, *tiny_data["base_args"], *TINY_BUDGETS, "--tradeoff", "0.3", "--reuse-stages", run_dir)
+    assert all(f"[stage {k}] loaded" in proc.stdout for k in (1, 2, 3, 4)) and "lambda 0.3" in proc.stdout
+    assert "[stage 5] loaded" not in proc.stdout and "[stage 3 SQL" not in proc.stdout
