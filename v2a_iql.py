@@ -88,16 +88,18 @@ class Args:
     """discount"""
     tau: float = 0.005
     """Polyak rate of the target Q networks"""
-    expectile: float = 0.7
-    """IQL expectile"""
-    temperature: float = 3.0
-    """IQL inverse temperature beta of the advantage-weighted actor loss"""
     resume: Optional[str] = None
     """`runs/<name>`: continue that run (finished stages are loaded, stage 5 continues from its checkpoint)"""
     reuse_stages: Optional[str] = None
     """`runs/<name>`: load stages 1-4 of that run and train stage 5 afresh (lambda / xi sweeps)"""
     bench: int = 0
     """time this many stage-5 updates after a warm-up and exit; stages 1-4 are NOT trained (untrained scorers)"""
+    # >>> backbone: IQL (Kostrikov et al. 2022) hyperparameters
+    expectile: float = 0.7
+    """IQL expectile"""
+    temperature: float = 3.0
+    """IQL inverse temperature beta of the advantage-weighted actor loss"""
+    # <<< backbone
 
 
 def fail(msg: str):
@@ -202,6 +204,7 @@ def td_loss(q: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor] = None) 
     return (se if w is None else se * w).mean(-1).sum()
 
 
+# >>> backbone: IQL losses
 def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
     """Eq. 5.6: mean |tau - 1(u < 0)| u^2."""
     return ((expectile - (u < 0).float()).abs() * u**2).mean()
@@ -210,6 +213,7 @@ def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
 def awr_actor_loss(mean: torch.Tensor, a: torch.Tensor, u: torch.Tensor, beta: float) -> torch.Tensor:
     """Eq. 5.6: mean over batch and action dims of min(exp(beta u), 100) (tanh(mu(s)) - a)^2."""
     return (torch.exp(beta * u).clamp(max=100.0)[:, None] * (torch.tanh(mean) - a) ** 2).mean()
+# <<< backbone
 
 
 def info_nce_loss(phi: torch.Tensor, psi_pos: torch.Tensor, psi_neg: torch.Tensor) -> torch.Tensor:
@@ -352,14 +356,14 @@ def z_diagnostics(z: torch.Tensor, d: dict, writer: SummaryWriter, seed: int):
     writer.add_embedding(z[sel], metadata=labels, tag="z")
 
 
-def evaluate(actor: nn.Module, env, episodes: int, seed: int) -> np.ndarray:
-    """Undiscounted returns of deterministic tanh(mean) * max_action episodes, with a CPU copy of the actor."""
-    actor, returns = copy.deepcopy(actor).cpu(), []
+def evaluate(policy, env, episodes: int, seed: int) -> np.ndarray:
+    """Undiscounted returns of deterministic episodes; `policy` maps a CPU observation to an action in [-1, 1]."""
+    returns = []
     for ep in range(episodes):
         (obs, _), done, ret = env.reset(seed=seed + ep), False, 0.0
         while not done:
             with torch.no_grad():
-                a = torch.tanh(actor(torch.as_tensor(obs, dtype=torch.float32)).chunk(2)[0]).numpy()
+                a = policy(torch.as_tensor(obs, dtype=torch.float32)).numpy()
             obs, r, term, trunc, _ = env.step(a * env.action_space.high)
             ret, done = ret + float(r), term or trunc
         returns.append(ret)
@@ -531,28 +535,36 @@ def main(args: Args):
         h = cosine_score(phi(x[:, SA]), psi(x[:, S2]))
         return h, (sql_q(zs(x[:, SA], idx)).min(0).values - sql_v(zs(x[:, :ds], idx))).squeeze(-1) if 3 in stages else h * 0
 
-    # ---- Stage 5: filtered IQL (eq. 5.5-5.6). Keep the top n = max(1, min(B, floor(xi B))) of B source samples by ----
-    #      f = lambda h + (1 - lambda) minmax(A); w = min(exp(h), 100) on kept source rows, 1 on the B target rows;
-    #      V (unweighted) -> Q (weighted by w) -> Polyak -> actor (unweighted, cosine-annealed lr)
+    # ---- Stage 5a: the filter (eq. 5.5). Keep the top n = max(1, min(B, floor(xi B))) of B source samples by ---------
+    #      f = lambda h + (1 - lambda) minmax(A); w = min(exp(h), 100) on kept source rows, 1 on the B target rows
     filtered, n_keep = args.variant in PUBLISHED_TRADEOFF, kept_count(B, args.xi)
+
+    def sample_batch():
+        """Stage-5 batch D' (row indices: kept source rows, then B target rows) and its Q-loss weights w."""
+        tgt_idx = Ns + torch.randint(Nt, (B,), device=dev)
+        if args.variant == "target":
+            return tgt_idx, None
+        if not filtered:  # merged: xi = 1, w = 1, no scorers
+            return torch.cat([torch.randint(Ns, (B,), device=dev), tgt_idx]), None
+        src_idx = torch.randint(Ns, (B,), device=dev)
+        with torch.no_grad():
+            h, adv = score_source(src_idx)
+            keep = select_kept(filter_scores(h, adv, lam)[0], n_keep)
+            return torch.cat([src_idx[keep], tgt_idx]), torch.cat([source_weight(h[keep]), torch.ones_like(h)])
+
+    # >>> backbone: IQL
+    # ---- Stage 5b: IQL on D' (eq. 5.6): V (unweighted) -> Q (weighted by w) -> Polyak -> actor (unweighted, -----------
+    #      cosine-annealed lr)
     # the tanh-Gaussian actor outputs [mean, log_std]; its squared-error loss and the evaluation use tanh(mean) only
     actor, qf, vf = mlp(ds, 2 * da).to(dev), EnsembleMLP(2, ds + da, 1).to(dev), mlp(ds, 1).to(dev)
     qf_t = copy.deepcopy(qf).requires_grad_(False)
+    nets = dict(actor=actor, qf=qf, qf_target=qf_t, vf=vf)
     opts = vf_opt, qf_opt, actor_opt = [adam(net.parameters()) for net in (vf, qf, actor)]
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=args.total_steps)
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=args.total_steps)]
+    loss_tags = ["losses/vf_loss", "losses/qf_loss", "losses/actor_loss"]
 
-    def train_step(i=None):
-        tgt_idx, w = Ns + torch.randint(Nt, (B,), device=dev), None
-        if args.variant == "target":
-            idx = tgt_idx
-        elif not filtered:  # merged: xi = 1, w = 1, no scorers
-            idx = torch.cat([torch.randint(Ns, (B,), device=dev), tgt_idx])
-        else:
-            src_idx = torch.randint(Ns, (B,), device=dev)
-            with torch.no_grad():
-                h, adv = score_source(src_idx)
-                keep = select_kept(filter_scores(h, adv, lam)[0], n_keep)
-                idx, w = torch.cat([src_idx[keep], tgt_idx]), torch.cat([source_weight(h[keep]), torch.ones_like(h)])
+    def train_step(i: int):
+        idx, w = sample_batch()
         x = data[idx]
         s, a, r, s2, done = split(x, ds, da)
         with torch.no_grad():
@@ -565,12 +577,17 @@ def main(args: Args):
         with torch.no_grad():
             torch._foreach_lerp_(list(qf_t.parameters()), list(qf.parameters()), args.tau)
         actor_loss = optimize(actor_opt, awr_actor_loss(actor(s)[:, :da], a, u.detach(), args.temperature))
-        sched.step()
+        scheds[0].step()
         return torch.stack([vf_loss, qf_loss, actor_loss])
+
+    def eval_policy():  # deterministic tanh(mean) of a CPU copy of the actor
+        net = copy.deepcopy(actor).cpu()
+        return lambda obs: torch.tanh(net(obs)[..., :da])
+    # <<< backbone
 
     if bench:
         for i in range(100 + args.bench):
-            losses = train_step()
+            losses = train_step(i + 1)
             if i == 99:  # timing starts after a 100-step warm-up
                 losses.tolist()  # waits for the device
                 t0 = time.time()
@@ -598,14 +615,15 @@ def main(args: Args):
             if 3 in stages and (m := (dom == i) & (qual == j)).any():
                 writer.add_histogram(f"filter/adv/{d['dom_names'][i]}-{d['qual_names'][j]}", adv[m], step)
 
-    start, evals, nets = 0, [], dict(actor=actor, qf=qf, qf_target=qf_t, vf=vf)
+    start, evals = 0, []
     if (ck := checkpoint(5)) is not None:
         for key, net in nets.items():
             net.load_state_dict(ck[key])
         for opt, state in zip(opts, ck["opts"]):
             opt.load_state_dict(state)
-        sched.load_state_dict(ck["sched"])
-        sched.T_max = args.total_steps  # a finished run can be extended with a larger --total-steps
+        for sched, state in zip(scheds, ck["scheds"]):
+            sched.load_state_dict(state)
+            sched.T_max = args.total_steps  # a finished run can be extended with a larger --total-steps
         setters = (torch.set_rng_state, np.random.set_state, random.setstate, torch.cuda.set_rng_state_all)
         for set_state, state in zip(setters, ck["rng"]):
             if state is not None:
@@ -619,7 +637,7 @@ def main(args: Args):
         if filtered and (step % args.log_freq == 0 or is_eval_step(step)):
             filter_diagnostics(step)
         if is_eval_step(step):
-            returns = evaluate(actor, eval_env, args.eval_episodes, args.seed + 10_000)
+            returns = evaluate(eval_policy(), eval_env, args.eval_episodes, args.seed + 10_000)
             score = float(np.mean(minari.get_normalized_score(d["tgt_ds"], returns)) * 100)
             writer.add_scalar("eval/return", returns.mean(), step)
             writer.add_scalar("eval/normalized_score", score, step)
@@ -628,11 +646,11 @@ def main(args: Args):
             rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
                    torch.cuda.get_rng_state_all() if dev.type == "cuda" else None)
             save(dict(step=step, **{k: net.state_dict() for k, net in nets.items()}, opts=[o.state_dict() for o in opts],
-                      sched=sched.state_dict(), rng=rng, evals=evals, variant=args.variant), f"{run_dir}/stage5.pt")
+                      scheds=[sc.state_dict() for sc in scheds], rng=rng, evals=evals, variant=args.variant), f"{run_dir}/stage5.pt")
 
     name = f"stage 5 IQL {args.variant}" + (f" lambda {lam} xi {args.xi} keep {n_keep}/{B}" if filtered else "")
-    run_stage(name, args.total_steps, train_step, ["losses/vf_loss", "losses/qf_loss", "losses/actor_loss"], writer,
-              args.log_freq, start=start, sps_tag="charts/SPS", must_log=is_eval_step, after_step=after_step)
+    run_stage(name, args.total_steps, train_step, loss_tags, writer, args.log_freq, start=start, sps_tag="charts/SPS",
+              must_log=is_eval_step, after_step=after_step)
     if evals:
         with open(os.path.join(run_dir, "results.json"), "w") as fh:  # (step, return, normalized score) per evaluation
             json.dump({"variant": args.variant, "final_normalized_score": evals[-1][2], "evals": evals}, fh, indent=1)
