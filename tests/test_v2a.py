@@ -1,5 +1,6 @@
-"""v2a_iql.py: the losses and the filter on hand-checkable inputs, the relabelling, input errors, and tiny end-to-end
-runs of every variant (plus --resume and --reuse-stages) on the `tiny_data` datasets."""
+"""v2a_iql.py and v2a_td3bc.py: the losses and the filter on hand-checkable inputs, the relabelling, input errors, tiny
+end-to-end runs of every variant of both files (plus --resume and --reuse-stages) on the `tiny_data` datasets, and the
+two files being identical outside their backbone sections."""
 import glob
 import json
 import math
@@ -12,6 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import v2a_iql as v
+import v2a_td3bc
+
+SCRIPTS = {"v2a_iql": v, "v2a_td3bc": v2a_td3bc}
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_BUDGETS = ["--repr-steps", "20", "--sql-steps", "20", "--info-steps", "20"]
@@ -44,6 +48,37 @@ def test_awr_actor_loss_uses_tanh_mean_and_clamps():
     mean, a = torch.zeros(2, 3), torch.full((2, 3), 0.5)
     assert v.awr_actor_loss(mean, a, torch.zeros(2), 3.0).item() == pytest.approx(0.25)
     assert v.awr_actor_loss(mean, a, torch.full((2,), 10.0), 3.0).item() == pytest.approx(25.0)  # exp(30) -> 100
+
+
+def test_td3bc_actor_loss_and_smoothing():
+    q1, pi, a = torch.tensor([2.0, -4.0]), torch.tensor([[0.5], [0.0]]), torch.tensor([[0.0], [0.0]])
+    # lambda = 2.5 / mean|Q1| = 2.5 / 3; -lambda mean Q1 = -(2.5 / 3) * (-1); BC = (0.25 + 0) / 2
+    assert v2a_td3bc.td3bc_actor_loss(q1, pi, a, 2.5).item() == pytest.approx(2.5 / 3 + 0.125)
+    torch.manual_seed(0)
+    pi_next = torch.tensor([[0.9] * 1000, [0.0] * 1000])
+    a2 = v2a_td3bc.smoothed_target_action(pi_next, 0.2, 0.5)
+    assert a2.max() <= 1.0 and (a2 - pi_next).abs().max() <= 0.5 + 1e-6 and (a2[1].std() - 0.2).abs() < 0.03
+
+
+def test_files_identical_outside_backbone():
+    """A fix to a shared stage must land in both files: outside the `# >>> backbone` ... `# <<< backbone` sections
+    and the header comment, v2a_td3bc.py is v2a_iql.py with the backbone's name replaced."""
+    def shared(name, rename=lambda t: t):
+        text = rename(open(os.path.join(ROOT, f"{name}.py")).read())
+        text = text[text.index("import "):]
+        out, inside = [], False
+        for line in text.splitlines():
+            if line.strip().startswith("# >>> backbone"):
+                inside = True
+                out.append("<backbone>")
+            elif line.strip() == "# <<< backbone":
+                inside = False
+            elif not inside:
+                out.append(line)
+        return out
+    iql = shared("v2a_iql")
+    td3bc = shared("v2a_td3bc", lambda t: t.replace("v2a_td3bc", "v2a_iql").replace("TD3+BC", "IQL"))
+    assert iql.count("<backbone>") == 3 and iql == td3bc
 
 
 def test_info_nce_loss():
@@ -150,7 +185,8 @@ def test_dataset_ids_and_parse_source_match_data_gen():
             v.parse_source(bad)
 
 
-def test_space_mismatch_is_one_line(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_space_mismatch_is_one_line(script, tiny_data, tmp_path, monkeypatch):
     import shutil
 
     import gymnasium as gym
@@ -165,10 +201,10 @@ def test_space_mismatch_is_one_line(tiny_data, tmp_path, monkeypatch):
                         terminations=np.zeros(10, bool), truncations=np.ones(10, bool))
     minari.create_dataset_from_buffers(bad_id, [buf], observation_space=gym.spaces.Box(-np.inf, np.inf, (5,)),
                                        action_space=gym.spaces.Box(-1, 1, (3,)))
-    args = v.Args(env_id=tiny_data["env_id"], source=tiny_data["source"], source_size=tiny_data["source_size"],
-                  target_size=tiny_data["target_size"], generate=False)
-    with pytest.raises(SystemExit, match=r"v2a_iql.py: error: the spaces of .* differ from the target's"):
-        v.main(args)
+    args = SCRIPTS[script].Args(env_id=tiny_data["env_id"], source=tiny_data["source"],
+                                source_size=tiny_data["source_size"], target_size=tiny_data["target_size"], generate=False)
+    with pytest.raises(SystemExit, match=rf"{script}.py: error: the spaces of .* differ from the target's"):
+        SCRIPTS[script].main(args)
 
 
 # ---- bad input: one clear line, no traceback ----------------------------------------------------------------------
@@ -179,11 +215,12 @@ def test_space_mismatch_is_one_line(tiny_data, tmp_path, monkeypatch):
     (dict(variant="merged", tradeoff=0.5), "--tradeoff applies to"),
     (dict(generate=False), "missing datasets"),
 ])
-def test_bad_input_is_one_line(overrides, message, tmp_path, monkeypatch):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_is_one_line(script, overrides, message, tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))  # empty: datasets are missing
     with pytest.raises(SystemExit) as e:
-        v.main(v.Args(**overrides))
-    assert str(e.value).startswith("v2a_iql.py: error:") and message in str(e.value) and "\n" not in str(e.value)
+        SCRIPTS[script].main(SCRIPTS[script].Args(**overrides))
+    assert str(e.value).startswith(f"{script}.py: error:") and message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_non_finite_loss_stops_the_stage():
@@ -195,33 +232,38 @@ def test_non_finite_loss_stops_the_stage():
 
 
 # ---- end to end ----------------------------------------------------------------------------------------------------
-def run(cwd, *args, check=True):
+def run(script, cwd, *args, check=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "v2a_iql.py"), *args], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True)
     if check and proc.returncode != 0:
-        raise AssertionError(f"v2a_iql.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"{script}.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def run_variant(cwd, tiny_data, variant, *extra):
-    proc = run(cwd, *tiny_data["base_args"], *TINY_BUDGETS, "--variant", variant, *extra)
-    (run_dir,) = glob.glob(os.path.join(cwd, "runs", f"*__{variant}__*"))
+def run_variant(script, cwd, tiny_data, variant, *extra):
+    proc = run(script, cwd, *tiny_data["base_args"], *TINY_BUDGETS, "--variant", variant, *extra)
+    (run_dir,) = glob.glob(os.path.join(cwd, "runs", f"*__{script}__{variant}__*"))
     return proc, run_dir
 
 
-@pytest.fixture(scope="module")
-def v2a_run(tiny_data, tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("v2a")
-    return cwd, *run_variant(cwd, tiny_data, "v2a")
+@pytest.fixture(scope="module", params=list(SCRIPTS))
+def v2a_run(request, tiny_data, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp(request.param)
+    return request.param, cwd, *run_variant(request.param, cwd, tiny_data, "v2a")
 
 
-@pytest.mark.parametrize("variant", list(STAGE_FILES))
-def test_end_to_end(variant, tiny_data, tmp_path, request):
-    if variant == "v2a":
-        _, proc, run_dir = request.getfixturevalue("v2a_run")
-    else:
-        proc, run_dir = run_variant(tmp_path, tiny_data, variant)
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("variant", [k for k in STAGE_FILES if k != "v2a"])
+def test_end_to_end(script, variant, tiny_data, tmp_path):
+    check_run(variant, *run_variant(script, tmp_path, tiny_data, variant))
+
+
+def test_end_to_end_v2a(v2a_run):
+    check_run("v2a", *v2a_run[2:])
+
+
+def check_run(variant, proc, run_dir):
     assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
     assert sorted(glob.glob(os.path.join(run_dir, "stage*.pt"))) == [os.path.join(run_dir, f"stage{k}.pt")
                                                                       for k in STAGE_FILES[variant]]
@@ -233,14 +275,14 @@ def test_end_to_end(variant, tiny_data, tmp_path, request):
 
 
 def test_resume_and_reuse_stages(v2a_run, tiny_data):
-    cwd, _, run_dir = v2a_run
-    proc = run(cwd, *tiny_data["base_args"], *TINY_BUDGETS[:-8], "--total-steps", "150", "--eval-freq", "50",
+    script, cwd, _, run_dir = v2a_run
+    proc = run(script, cwd, *tiny_data["base_args"], *TINY_BUDGETS[:-8], "--total-steps", "150", "--eval-freq", "50",
                "--eval-episodes", "1", "--resume", os.path.relpath(run_dir, cwd))
     for k in (1, 2, 3, 4, 5):
         assert f"[stage {k}] loaded" in proc.stdout
     assert "resuming from step 100" in proc.stdout and "[stage 1 TC-ELBO]" not in proc.stdout
     assert torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)["step"] == 150
     assert [e[0] for e in json.load(open(os.path.join(run_dir, "results.json")))["evals"]] == [50, 100, 150]
-    proc = run(cwd, *tiny_data["base_args"], *TINY_BUDGETS, "--tradeoff", "0.3", "--reuse-stages", run_dir)
+    proc = run(script, cwd, *tiny_data["base_args"], *TINY_BUDGETS, "--tradeoff", "0.3", "--reuse-stages", run_dir)
     assert all(f"[stage {k}] loaded" in proc.stdout for k in (1, 2, 3, 4)) and "lambda 0.3" in proc.stdout
     assert "[stage 5] loaded" not in proc.stdout and "[stage 3 SQL" not in proc.stdout

@@ -1,0 +1,672 @@
+# V2A with a TD3+BC backbone, and its ablations DVDF, IGDF, merged-data TD3+BC and target-only TD3+BC, in one file.
+# paper: Qiao et al., "Unifying Value Alignment and Assignment in Cross-Domain Offline RL with Heterogeneous Datasets",
+# ICML 2026, arXiv 2605.24862.  spec: shared/docs/method.md (TD3+BC: section 9).  docs: docs/v2a_td3bc.md
+# usage: python v2a_td3bc.py --env-id Hopper-v4 [--variant v2a|dvdf|igdf|merged|target]
+import copy
+import functools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from minari.storage import get_dataset_path
+from torch.utils.tensorboard import SummaryWriter
+
+DEFAULT_SOURCE = "torso-hard:random,gravity-0.5:medium,legjnt-hard:expert"  # as data_gen.py
+QUALITIES = ("random", "medium", "expert")
+VARIANT_STAGES = {"v2a": (1, 2, 3, 4), "dvdf": (3, 4), "igdf": (4,), "merged": (), "target": ()}
+PUBLISHED_TRADEOFF = {"v2a": 0.6, "dvdf": 0.7, "igdf": 1.0}  # lambda: method.md sections 7.1 and 8 (igdf: h only)
+REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP, SQL_BATCH = 16, 200, 1e-3, 10.0, 256  # method.md 7.1 (official code)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of every stage (the same seed for all of them, method.md section 14 item 12)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda is used when available"""
+    track: bool = False
+    """if toggled, the run is mirrored to Weights and Biases (sync_tensorboard)"""
+    wandb_project_name: str = "v2a"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of the wandb project"""
+    env_id: str = "Hopper-v4"
+    """the nominal (target) environment; selects the Minari datasets `v2a/<env-id>/...`"""
+    source: str = DEFAULT_SOURCE
+    """the source mixture, `domain:quality[:weight]` entries (same grammar as data_gen.py)"""
+    source_size: int = 1_000_000
+    """total transitions of the source mixture"""
+    target_size: int = 100_000
+    """transitions of the target dataset"""
+    generate: bool = True
+    """run data_gen.py when the datasets are missing (`--no-generate`: stop with an error instead)"""
+    variant: Literal["v2a", "dvdf", "igdf", "merged", "target"] = "v2a"
+    """v2a: h + A(s,a,z); dvdf: h + A(s,a); igdf: h only; merged: TD3+BC on source+target; target: TD3+BC on target"""
+    tradeoff: Optional[float] = None
+    """lambda, the weight of h in f = lambda h + (1 - lambda) minmax(A); None: the variant's published value"""
+    xi: float = 0.5
+    """the kept fraction of each source batch"""
+    repr_steps: int = 20_000
+    """TC-ELBO iterations (E-step + M-step each); 20k instead of the code's 100k (method.md section 14 item 5)"""
+    sql_steps: int = 100_000
+    """Sparse-Q-Learning steps of the advantage model (method.md section 14 item 4)"""
+    info_steps: int = 7000
+    """contrastive pre-training steps of the dynamics score h"""
+    total_steps: int = 1_000_000
+    """filtered-TD3+BC gradient steps"""
+    eval_freq: int = 10_000
+    """evaluate the policy in the target env, and checkpoint stage 5, every this many steps and after the last"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    log_freq: int = 1000
+    """read the losses (one host sync) and print progress every this many steps"""
+    z_dim: int = 128
+    """dimension of the modality latent z"""
+    sql_alpha: float = 0.2
+    """SQL sparsity alpha"""
+    batch_size: int = 128
+    """source and target samples per stage-5 step (and the contrastive batch)"""
+    learning_rate: float = 3e-4
+    """Adam learning rate of every network"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """Polyak rate of the target Q networks"""
+    resume: Optional[str] = None
+    """`runs/<name>`: continue that run (finished stages are loaded, stage 5 continues from its checkpoint)"""
+    reuse_stages: Optional[str] = None
+    """`runs/<name>`: load stages 1-4 of that run and train stage 5 afresh (lambda / xi sweeps)"""
+    bench: int = 0
+    """time this many stage-5 updates after a warm-up and exit; stages 1-4 are NOT trained (untrained scorers)"""
+    # >>> backbone: TD3+BC (Fujimoto & Gu 2021) hyperparameters
+    alpha: float = 2.5
+    """TD3+BC alpha: actor loss -alpha / mean|Q1| * Q1(s, pi(s)) + (pi(s) - a)^2"""
+    policy_noise: float = 0.2
+    """std of the target-policy smoothing noise (times max_action = 1)"""
+    noise_clip: float = 0.5
+    """clip of the target-policy smoothing noise (times max_action = 1)"""
+    policy_freq: int = 2
+    """the actor and all target networks are updated every this many critic updates"""
+    normalize_states: bool = True
+    """feed the stage-5 networks states normalised with the target data's mean and std (eps 1e-3)"""
+    # <<< backbone
+
+
+def fail(msg: str):
+    raise SystemExit(f"v2a_td3bc.py: error: {msg}")
+
+
+def parse_source(spec: str) -> list[tuple[str, str, float]]:
+    """`domain:quality[:weight]` entries -> [(domain, quality, weight)]"""
+    entries = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or parts[1] not in QUALITIES:
+            fail(f"malformed source entry {item!r}: expected domain:quality[:weight] with quality "
+                 f"in {'|'.join(QUALITIES)}, e.g. 'gravity-0.5:random,torso-hard:medium'")
+        try:
+            weight = float(parts[2]) if len(parts) == 3 else 1.0
+        except ValueError:
+            weight = -1.0
+        if not weight > 0:
+            fail(f"malformed source entry {item!r}: the weight must be a positive number")
+        entries.append((parts[0], parts[1], weight))
+    if not entries:
+        fail("empty source spec: give at least one domain:quality entry")
+    return entries
+
+
+def size_tag(n: int) -> str:
+    return f"{n // 1000}k" if n >= 10_000 else str(n)  # a label: the exact count is in the dataset
+
+
+def dataset_ids(env_id: str, source: str, source_size: int, target_size: int) -> tuple[list[str], str]:
+    entries = parse_source(source)
+    total = sum(w for _, _, w in entries)
+    ns = f"v2a/{env_id.lower()}"
+    src = [f"{ns}/source/{d.replace('.', 'p').replace('-', '')}-{q}-{size_tag(int(source_size * w / total))}-v0"
+           for d, q, w in entries]
+    return src, f"{ns}/target/medium-{size_tag(target_size)}-v0"
+
+
+# ---- Networks -------------------------------------------------------------------------------------------------------
+def mlp(inp: int, out: int, hidden: int = 256) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out))
+
+
+class EnsembleMLP(nn.Module):
+    """E independent 2x256 ReLU MLPs as one batched matmul per layer (weights [E, in, out], torch.baddbmm): the twin
+    critics (E = 2) and the TC-ELBO decoder ensemble (E = 3, rlkit init: biases 0.1, last layer U(+-3e-3))."""
+
+    def __init__(self, ensemble: int, inp: int, out: int, hidden: int = 256, decoder_init: bool = False):
+        super().__init__()
+        dims = [inp, hidden, hidden, out]
+        self.w, self.b = nn.ParameterList(), nn.ParameterList()
+        for i, (m, n) in enumerate(zip(dims[:-1], dims[1:])):
+            last = i == len(dims) - 2
+            bound = 3e-3 if decoder_init and last else m**-0.5  # fan-in uniform otherwise, as nn.Linear
+            self.w.append(nn.Parameter(torch.empty(ensemble, m, n).uniform_(-bound, bound)))
+            bias = torch.empty(ensemble, 1, n).uniform_(-bound, bound)
+            self.b.append(nn.Parameter(bias.fill_(0.1) if decoder_init and not last else bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, in] (shared by all members) or [E, N, in] -> [E, N, out]
+        x = x.expand(self.w[0].shape[0], *x.shape) if x.dim() == 2 else x
+        for i, (w, b) in enumerate(zip(self.w, self.b)):
+            x = torch.baddbmm(b, x, w)
+            x = F.relu(x) if i < len(self.w) - 1 else x
+        return x
+
+
+class TrajectoryEncoder(nn.Module):
+    """q(z | tau): GRU over x_t = [s_t, a_t, s_{t+1} - s_t]; Gaussian heads on the output at the last valid step."""
+
+    def __init__(self, inp: int, z_dim: int, hidden: int = 256):
+        super().__init__()
+        self.gru = nn.GRU(inp, hidden, batch_first=True)
+        self.mu, self.log_std = nn.Linear(hidden, z_dim), nn.Linear(hidden, z_dim)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor):  # x [B, T, inp], lengths [B] >= 1
+        out, _ = self.gru(x)
+        last = out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, out.shape[-1])).squeeze(1)
+        return self.mu(last), self.log_std(last).clamp(-5.0, 2.0)
+
+
+# ---- Losses and filter (method.md 5.1-5.6), small functions so that the tests check them by hand ------------------
+def tc_elbo_losses(decoder, s, a, delta, mask, z, mu, log_std):
+    """Eq. 5.1: L_rec = sum_k sum_bt m ||f_k(s, a, z) - (s' - s)||^2 / (sum m * d_s * K), and
+    KL(q(z|tau) || N(0, I)) summed over z dims, averaged over trajectories. s, a, delta [B, T, .], mask [B, T]."""
+    B, T, ds = delta.shape
+    pred = decoder(torch.cat([s, a, z[:, None].expand(B, T, z.shape[-1])], -1).reshape(B * T, -1))  # [K, B*T, ds]
+    err = ((pred - delta.reshape(1, B * T, ds)) ** 2).sum(-1) * mask.reshape(1, B * T)
+    kl = (-0.5 * (1 + 2 * log_std - mu**2 - (2 * log_std).exp()).sum(-1)).mean()
+    return err.sum() / (mask.sum() * ds * pred.shape[0]), kl
+
+
+def sql_v_loss(q_min: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Eq. 5.3: E[1{1 + A/(2 alpha) > 0} (1 + A/(2 alpha))^2 + V/alpha], A = min(target Q1, Q2) - V."""
+    sp = (q_min - v) / (2 * alpha) + 1.0
+    return ((sp > 0).float() * sp**2 + v / alpha).mean()
+
+
+def td_loss(q: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Eq. 5.3 / 5.6: sum over critics of mean_batch w (Q_i - y)^2; q [E, N], y and w [N]."""
+    se = (q - y) ** 2
+    return (se if w is None else se * w).mean(-1).sum()
+
+
+# >>> backbone: TD3+BC losses
+def td3bc_actor_loss(q1_pi: torch.Tensor, pi: torch.Tensor, a: torch.Tensor, alpha: float) -> torch.Tensor:
+    """TD3+BC: -lambda mean Q1(s, pi(s)) + mean (pi(s) - a)^2 with lambda = alpha / mean|Q1(s, pi(s))| (detached)."""
+    return -alpha / q1_pi.abs().mean().detach() * q1_pi.mean() + F.mse_loss(pi, a)
+
+
+def smoothed_target_action(pi_next: torch.Tensor, noise_std: float, noise_clip: float) -> torch.Tensor:
+    """TD3 target-policy smoothing: clip(pi_target(s') + clip(N(0, noise_std^2), -c, c), -1, 1)."""
+    return (pi_next + (torch.randn_like(pi_next) * noise_std).clamp(-noise_clip, noise_clip)).clamp(-1.0, 1.0)
+# <<< backbone
+
+
+def info_nce_loss(phi: torch.Tensor, psi_pos: torch.Tensor, psi_neg: torch.Tensor) -> torch.Tensor:
+    """Eq. 5.4, binary NCE: logits [B, B] = [phi_i . psi(s'_i) | phi_i . psi(s'_src_j)], label 1 in column 0 only."""
+    logits = torch.cat([(phi * psi_pos).sum(-1, keepdim=True), phi @ psi_neg.T], 1)
+    labels = torch.zeros_like(logits)
+    labels[:, 0] = 1.0
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def cosine_score(phi: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+    """Eq. 5.4: h(s, a, s') = phi . psi / (|phi| |psi| + 1e-8), in [-1, 1]."""
+    return (phi * psi).sum(-1) / (phi.norm(dim=-1) * psi.norm(dim=-1) + 1e-8)
+
+
+def filter_scores(h: torch.Tensor, adv: torch.Tensor, tradeoff: float):
+    """Eq. 5.5: f = lambda h + (1 - lambda) minmax(A), min-max over the last (batch) dim. Returns f and minmax(A)."""
+    lo, hi = adv.min(-1, keepdim=True).values, adv.max(-1, keepdim=True).values
+    adv_norm = (adv - lo) / (hi - lo + 1e-8)
+    return tradeoff * h + (1 - tradeoff) * adv_norm, adv_norm
+
+
+def kept_count(batch: int, xi: float) -> int:
+    return max(1, min(batch, math.floor(xi * batch)))
+
+
+def select_kept(f: torch.Tensor, n: int) -> torch.Tensor:
+    """Eq. 5.5: indices of the n highest scores along the last dim (fixed shape, no host sync)."""
+    return torch.topk(f, n, dim=-1).indices
+
+
+def source_weight(h: torch.Tensor) -> torch.Tensor:
+    """Eq. 5.5: Q-loss weight of a kept source sample, min(exp(h), 100)."""
+    return h.exp().clamp(max=100.0)
+
+
+# ---- Data: Minari episodes -> one device matrix of rows [s, a, r, s', d], source rows first, then target rows ----
+def split(x: torch.Tensor, ds: int, da: int):
+    return x[..., :ds], x[..., ds : ds + da], x[..., ds + da], x[..., ds + da + 1 : 2 * ds + da + 1], x[..., -1]
+
+
+def flatten(ds, max_len: int = 1000):
+    """Episodes -> rows [s, a, r, s', terminated] and trajectory lengths (episodes cut every max_len steps)."""
+    rows, lens = [], []
+    for ep in ds.iterate_episodes():
+        o, T = ep.observations, len(ep.actions)
+        rows.append(np.concatenate([o[:-1], ep.actions, ep.rewards[:, None], o[1:], ep.terminations[:, None]], 1))
+        lens.append([min(max_len, T - k) for k in range(0, T, max_len)])
+    return np.concatenate(rows).astype(np.float32), lens
+
+
+def load_data(args: Args, device: torch.device) -> dict:
+    """Runs data_gen.py when datasets are missing, checks the spaces, and moves everything to the device once."""
+    src_ids, tgt_id = dataset_ids(args.env_id, args.source, args.source_size, args.target_size)
+    missing = lambda: [i for i in src_ids + [tgt_id] if not os.path.exists(os.path.join(get_dataset_path(i), "data"))]
+    if missing() and not args.generate:
+        fail(f"missing datasets {', '.join(missing())} under {get_dataset_path()} (run data_gen.py, or drop --no-generate)")
+    if missing():
+        print(f"datasets missing ({', '.join(missing())}): running data_gen.py", flush=True)
+        cmd = [sys.executable, "data_gen.py", "--env-id", args.env_id, "--source", args.source,
+               "--source-size", str(args.source_size), "--target-size", str(args.target_size)]
+        if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__))).returncode != 0 or missing():
+            fail(f"data_gen.py did not produce {', '.join(missing()) or 'the datasets'}")
+    tgt_ds = minari.load_dataset(tgt_id)
+    rows, lens, labels = [], [], []
+    for ds_id, (dom, qual, _) in zip(src_ids, parse_source(args.source)):
+        ds = minari.load_dataset(ds_id)
+        if ds.observation_space != tgt_ds.observation_space or ds.action_space != tgt_ds.action_space:
+            fail(f"the spaces of {ds_id} ({ds.observation_space}, {ds.action_space}) differ from the target's "
+                 f"({tgt_ds.observation_space}, {tgt_ds.action_space})")
+        x, ep_lens = flatten(ds)
+        rows.append(x)
+        for ep_len, meta in zip(ep_lens, ds.storage.get_episode_metadata(range(ds.total_episodes))):
+            opts = meta.get("options") or {}  # domain/quality: for diagnostics only, the learner never reads them
+            lens += ep_len
+            labels += [(opts.get("domain", dom), opts.get("quality", qual))] * len(ep_len)
+    (tgt_x, _), (doms, quals) = flatten(tgt_ds), zip(*labels)
+    dom_names, qual_names = sorted(set(doms)), sorted(set(quals))
+    t = lambda v, dtype=torch.long: torch.as_tensor(np.asarray(v), dtype=dtype, device=device)
+    traj_len, src_x = t(lens), np.concatenate(rows)
+    return dict(data=t(np.concatenate([src_x, tgt_x]), torch.float32), n_src=len(src_x), n_tgt=len(tgt_x), tgt_ds=tgt_ds,
+                ds=tgt_ds.observation_space.shape[0], da=tgt_ds.action_space.shape[0], traj_len=traj_len,
+                traj_start=torch.cumsum(traj_len, 0) - traj_len,
+                traj_id=torch.repeat_interleave(torch.arange(len(lens), device=device), traj_len),
+                dom=t([dom_names.index(x) for x in doms]), qual=t([qual_names.index(x) for x in quals]),
+                dom_names=dom_names, qual_names=qual_names)
+
+
+# ---- Loop pieces shared by the stages -----------------------------------------------------------------------------
+def run_stage(name, steps, step_fn, tags, writer, log_every, start=0, sps_tag=None, must_log=None, after_step=None):
+    """Calls step_fn(i) for i = start+1..steps. The stacked losses stay on the device and are read (one host sync)
+    every `log_every` steps, at the last step and where must_log(i); a non-finite loss stops the run there."""
+    acc, last, t0, t_last = 0.0, start, time.time(), time.time()
+    for i in range(start + 1, steps + 1):
+        acc = acc + step_fn(i)
+        if i % log_every == 0 or i == steps or (must_log and must_log(i)):
+            vals = (acc / (i - last)).tolist()
+            if not all(map(math.isfinite, vals)):
+                fail(f"non-finite loss in {name} at step {i} ({dict(zip(tags, vals))}); nothing after the last "
+                     f"checkpoint of this stage was saved")
+            for tag, v in zip(tags, vals):
+                writer.add_scalar(tag, v, i)
+            sps, now = (i - last) / (time.time() - t_last), time.time()
+            if sps_tag:
+                writer.add_scalar(sps_tag, sps, i)
+            print(f"[{name}] {i}/{steps}  {sps:.1f} it/s  ETA {(steps - i) * (now - t0) / (i - start) / 60:.1f} min  "
+                  + "  ".join(f"{tag.split('/')[-1]} {v:.4g}" for tag, v in zip(tags, vals)), flush=True)
+            acc, last = 0.0, i
+        if after_step:
+            after_step(i)
+        if last == i:
+            t_last = time.time()  # the time of logging, diagnostics and evaluation is not training time
+
+
+@torch.no_grad()
+def relabel(encoder: TrajectoryEncoder, d: dict, chunk: int = 64) -> torch.Tensor:
+    """Eq. 5.2: z_tau = posterior mean of the FULL trajectory (<= 1000 steps, no crop), one row per trajectory."""
+    z = torch.empty(len(d["traj_len"]), encoder.mu.out_features, device=d["data"].device)
+    for c in torch.argsort(d["traj_len"]).split(chunk):  # similar lengths in a chunk: little padding
+        L = d["traj_len"][c]
+        idx = d["traj_start"][c, None] + torch.minimum(torch.arange(int(L.max()), device=L.device)[None], L[:, None] - 1)
+        s, a, _, s2, _ = split(d["data"][idx], d["ds"], d["da"])
+        z[c] = encoder(torch.cat([s, a, s2 - s], -1), L)[0]
+    return z
+
+
+def z_diagnostics(z: torch.Tensor, d: dict, writer: SummaryWriter, seed: int):
+    """Held-out (20 % of trajectories) nearest-centroid probe of the domain label on z, as balanced accuracy (mean
+    per-domain recall, chance 1/#domains), and a projector embedding of z labelled domain/quality."""
+    z, dom, qual, n_dom = z.cpu(), d["dom"].cpu(), d["qual"].cpu(), len(d["dom_names"])
+    perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))
+    test, train = perm[: max(1, len(z) // 5)], perm[max(1, len(z) // 5) :]
+    cents = torch.stack([z[train][dom[train] == k].mean(0) for k in range(n_dom)]).nan_to_num(1e6)
+    pred = torch.cdist(z[test], cents).argmin(1)
+    acc = float(np.mean([(pred[dom[test] == k] == k).float().mean() for k in range(n_dom) if (dom[test] == k).any()]))
+    writer.add_scalar("repr/domain_probe_acc", acc, 0)
+    print(f"[stage 2 relabel] {len(z)} trajectories; held-out domain probe acc {acc:.3f} (chance {1 / n_dom:.3f})")
+    sel = torch.cat([perm[dom[perm] == k][: 2000 // n_dom] for k in range(n_dom)])  # balanced subsample
+    labels = [f"{d['dom_names'][dom[i]]}/{d['qual_names'][qual[i]]}" for i in sel.tolist()]
+    writer.add_embedding(z[sel], metadata=labels, tag="z")
+
+
+def evaluate(policy, env, episodes: int, seed: int) -> np.ndarray:
+    """Undiscounted returns of deterministic episodes; `policy` maps a CPU observation to an action in [-1, 1]."""
+    returns = []
+    for ep in range(episodes):
+        (obs, _), done, ret = env.reset(seed=seed + ep), False, 0.0
+        while not done:
+            with torch.no_grad():
+                a = policy(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+            obs, r, term, trunc, _ = env.step(a * env.action_space.high)
+            ret, done = ret + float(r), term or trunc
+        returns.append(ret)
+    return np.array(returns)
+
+
+def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Optional[list] = None, clip=None) -> torch.Tensor:
+    """zero_grad -> backward into `params` only (all leaves if None) -> optional grad-norm clip -> step."""
+    opt.zero_grad()
+    loss.backward(inputs=params)
+    if clip is not None:
+        nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    return loss.detach()
+
+
+def save(obj: dict, path: str):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: an interrupted save leaves the previous checkpoint intact
+
+
+def main(args: Args):
+    # ---- Setup: input checks, seeding, data, run directory, logging -------------------------------------------------
+    torch.set_flush_denormal(True)  # subnormal floats triple the GRU's cost on x86 CPUs (performance.md 6.1)
+    stages, bench = VARIANT_STAGES[args.variant], args.bench > 0
+    if not 0 < args.xi <= 1 or (args.tradeoff is not None and not 0 <= args.tradeoff <= 1):
+        fail(f"--xi must lie in (0, 1] and --tradeoff in [0, 1]; got xi {args.xi}, tradeoff {args.tradeoff}")
+    if args.tradeoff is not None and args.variant not in ("v2a", "dvdf"):
+        fail(f"--tradeoff applies to the v2a and dvdf variants only, not to {args.variant}")
+    budgets = {1: ("repr-steps", args.repr_steps), 3: ("sql-steps", args.sql_steps), 4: ("info-steps", args.info_steps)}
+    for flag, n in [budgets[k] for k in stages if k in budgets] + [("total-steps", args.total_steps)]:
+        if n <= 0 and not bench:
+            fail(f"--{flag} must be > 0 for the {args.variant} variant, got {n}")
+    if min(args.eval_freq, args.eval_episodes, args.log_freq, args.batch_size) <= 0:
+        fail("--eval-freq, --eval-episodes, --log-freq and --batch-size must be > 0")
+    if (args.resume and args.reuse_stages) or not all(map(os.path.isdir, filter(None, (args.resume, args.reuse_stages)))):
+        fail(f"--resume and --reuse-stages exclude each other and take a run directory ({args.resume or args.reuse_stages})")
+    lam = PUBLISHED_TRADEOFF.get(args.variant, 0.0) if args.tradeoff is None else args.tradeoff
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    dev = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    adam = functools.partial(torch.optim.Adam, lr=args.learning_rate, fused=True)
+
+    d = load_data(args, dev)
+    data, Ns, Nt, ds, da, B = d["data"], d["n_src"], d["n_tgt"], d["ds"], d["da"], args.batch_size
+    n_traj, SA, S2 = len(d["traj_len"]), slice(0, ds + da), slice(ds + da + 1, 2 * ds + da + 1)  # row columns
+    print(f"data: {Ns} source transitions in {n_traj} trajectories ({', '.join(d['dom_names'])}), {Nt} target "
+          f"transitions; device {dev}", flush=True)
+    run_dir = (args.resume.rstrip("/") if args.resume else tempfile.mkdtemp(prefix="v2a_bench_") if bench
+               else f"runs/{args.env_id}__{args.exp_name}__{args.variant}__{args.seed}__{int(time.time())}")
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=os.path.basename(run_dir), save_code=True)
+    writer = SummaryWriter(run_dir)
+    hparams = {**vars(args), "resolved_tradeoff": lam, "kept_per_step": kept_count(B, args.xi), "device": str(dev)}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hparams.items()))
+    with open(os.path.join(run_dir, "args.json"), "w") as fh:
+        json.dump(hparams, fh, indent=1)
+
+    def checkpoint(k: int) -> Optional[dict]:
+        """Stage k's checkpoint from this run (--resume) or, for k <= 4, from the --reuse-stages run."""
+        for folder in (run_dir, args.reuse_stages if k <= 4 else None):
+            if folder and os.path.exists(path := os.path.join(folder, f"stage{k}.pt")):
+                ck = torch.load(path, map_location=dev, weights_only=False)
+                if k in (3, 5) and ck["variant"] != args.variant:
+                    fail(f"{path} belongs to the {ck['variant']} variant, not to {args.variant}")
+                print(f"[stage {k}] loaded {path}", flush=True)
+                return ck
+
+    # ---- Stage 1: TC-ELBO modality encoder (eq. 5.1). E-step: loss L_rec + beta KL with sampled z, decoder frozen;
+    #      M-step: L_rec with the posterior-mean z, encoder frozen. 16 trajectories per iteration, random 200-step crops
+    encoder = TrajectoryEncoder(2 * ds + da, args.z_dim).to(dev)
+    decoder = EnsembleMLP(3, ds + da + args.z_dim, ds, decoder_init=True).to(dev)
+    if 1 in stages and (ck := checkpoint(1)) is not None:
+        encoder.load_state_dict(ck["encoder"])
+        decoder.load_state_dict(ck["decoder"])
+    elif 1 in stages and not bench:
+        enc_opt, dec_opt = adam(encoder.parameters()), adam(decoder.parameters())
+        def repr_step(i):
+            tid = torch.randint(n_traj, (REPR_BATCH,), device=dev)
+            L = d["traj_len"][tid]
+            T = int(L.max().clamp(max=REPR_CROP))  # one host sync: pad to the longest window, as the code does
+            off = (torch.rand(len(tid), device=dev) * ((L - T).clamp(min=0) + 1)).long()  # random crop start
+            lens, ar = L.clamp(max=T), torch.arange(T, device=dev)
+            idx = d["traj_start"][tid, None] + off[:, None] + torch.minimum(ar[None], lens[:, None] - 1)
+            mask = (ar[None] < lens[:, None]).float()
+            s, a, _, s2, _ = split(data[idx], ds, da)
+            seq = torch.cat([s, a, s2 - s], -1)
+            mu, log_std = encoder(seq, lens)
+            z = mu + log_std.exp() * torch.randn_like(mu)  # E-step
+            rec, kl = tc_elbo_losses(decoder, s, a, s2 - s, mask, z, mu, log_std)
+            optimize(enc_opt, rec + KL_BETA * kl, list(encoder.parameters()), GRAD_CLIP)  # decoder frozen
+            with torch.no_grad():  # M-step: posterior mean of the updated, frozen encoder
+                mu_m = encoder(seq, lens)[0]
+            rec_m = tc_elbo_losses(decoder, s, a, s2 - s, mask, mu_m, mu_m, log_std.detach())[0]
+            rec_m = optimize(dec_opt, rec_m, list(decoder.parameters()), GRAD_CLIP)
+            return torch.stack([rec.detach(), kl.detach(), rec_m])
+
+        run_stage("stage 1 TC-ELBO", args.repr_steps, repr_step, ["repr/rec_loss", "repr/kl", "repr/rec_loss_mstep"],
+                  writer, max(1, args.log_freq // 10))
+        save(dict(encoder=encoder.state_dict(), decoder=decoder.state_dict(), variant=args.variant), f"{run_dir}/stage1.pt")
+
+    # ---- Stage 2: relabel each source trajectory with the posterior mean z of the full trajectory (eq. 5.2) ----------
+    z_traj = torch.zeros(n_traj, args.z_dim if 2 in stages else 0, device=dev)  # dvdf: 0 dims, Q(s,a,z) = Q(s,a)
+    if 2 in stages and (ck := checkpoint(2)) is not None:
+        if ck["z_traj"].shape != z_traj.shape:
+            fail(f"stage2.pt holds z for {ck['z_traj'].shape[0]} trajectories, but the source data has {n_traj}")
+        z_traj = ck["z_traj"]
+    elif 2 in stages:
+        z_traj = relabel(encoder, d)
+        if not bench:
+            save(dict(z_traj=z_traj, variant=args.variant), f"{run_dir}/stage2.pt")
+            z_diagnostics(z_traj, d, writer, args.seed)
+    zs = lambda v, idx: torch.cat([v, z_traj[d["traj_id"][idx]]], 1)  # [v, z] for rows idx: z constant per trajectory
+
+    # ---- Stage 3: modality-aware advantage (eq. 5.3), Sparse Q-Learning Q(s,a,z), V(s,z) on source data, alpha 0.2: --
+    #      V update, Q update, Polyak every 2nd step. The filter uses A = min(Q1, Q2) - V of the ONLINE Q nets
+    sql_q, sql_v = EnsembleMLP(2, ds + da + z_traj.shape[1], 1).to(dev), mlp(ds + z_traj.shape[1], 1).to(dev)
+    if 3 in stages and (ck := checkpoint(3)) is not None:
+        sql_q.load_state_dict(ck["q"])
+        sql_v.load_state_dict(ck["v"])
+    elif 3 in stages and not bench:
+        sql_qt = copy.deepcopy(sql_q).requires_grad_(False)
+        q_opt, v_opt = adam(sql_q.parameters()), adam(sql_v.parameters())
+        def sql_step(i):
+            idx = torch.randint(Ns, (SQL_BATCH,), device=dev)
+            x = data[idx]
+            s, a, r, s2, done = split(x, ds, da)
+            with torch.no_grad():
+                q_min = sql_qt(zs(x[:, SA], idx)).min(0).values.squeeze(-1)
+            v_loss = optimize(v_opt, sql_v_loss(q_min, sql_v(zs(s, idx)).squeeze(-1), args.sql_alpha))
+            with torch.no_grad():  # V(s', z) with the transition's own z (method.md 14 item 13)
+                y = r + args.gamma * (1 - done) * sql_v(zs(s2, idx)).squeeze(-1)
+            q_loss = optimize(q_opt, td_loss(sql_q(zs(x[:, SA], idx)).squeeze(-1), y))
+            if i % 2 == 0:
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(sql_qt.parameters()), list(sql_q.parameters()), args.tau)
+            return torch.stack([v_loss, q_loss])
+
+        run_stage(f"stage 3 SQL {'Q(s,a,z)' if z_traj.shape[1] else 'Q(s,a)'}", args.sql_steps, sql_step,
+                  ["losses/sql_v_loss", "losses/sql_q_loss"], writer, args.log_freq)
+        save(dict(q=sql_q.state_dict(), v=sql_v.state_dict(), variant=args.variant), f"{run_dir}/stage3.pt")
+
+    # ---- Stage 4: contrastive dynamics score (eq. 5.4): binary NCE with target (s,a,s') positives and B-1 source -----
+    #      next-state negatives, B x B logits from one matmul, 7000 steps; then h = cos(phi(s,a), psi(s'))
+    phi, psi = mlp(ds + da, 64).to(dev), mlp(ds, 64).to(dev)
+    if 4 in stages and (ck := checkpoint(4)) is not None:
+        phi.load_state_dict(ck["phi"])
+        psi.load_state_dict(ck["psi"])
+    elif 4 in stages and not bench:
+        info_opt = adam([*phi.parameters(), *psi.parameters()])
+        def info_step(i):
+            x = data[Ns + torch.randint(Nt, (B,), device=dev)]
+            enc = psi(torch.cat([x[:, S2], data[torch.randint(Ns, (B - 1,), device=dev), S2]]))  # one psi pass
+            return optimize(info_opt, info_nce_loss(phi(x[:, SA]), enc[:B], enc[B:]))[None]
+
+        run_stage("stage 4 contrastive h", args.info_steps, info_step, ["losses/info_loss"], writer, args.log_freq)
+        save(dict(phi=phi.state_dict(), psi=psi.state_dict(), variant=args.variant), f"{run_dir}/stage4.pt")
+    for net in (sql_q, sql_v, phi, psi):  # frozen scorers: no gradient reaches them in stage 5
+        net.requires_grad_(False)
+
+    @torch.no_grad()
+    def score_source(idx: torch.Tensor):
+        """h(s,a,s') and A(s,a,z) = min(Q1, Q2)(s,a,z) - V(s,z) of source rows idx (A = 0 without stage 3)."""
+        x = data[idx]
+        h = cosine_score(phi(x[:, SA]), psi(x[:, S2]))
+        return h, (sql_q(zs(x[:, SA], idx)).min(0).values - sql_v(zs(x[:, :ds], idx))).squeeze(-1) if 3 in stages else h * 0
+
+    # ---- Stage 5a: the filter (eq. 5.5). Keep the top n = max(1, min(B, floor(xi B))) of B source samples by ---------
+    #      f = lambda h + (1 - lambda) minmax(A); w = min(exp(h), 100) on kept source rows, 1 on the B target rows
+    filtered, n_keep = args.variant in PUBLISHED_TRADEOFF, kept_count(B, args.xi)
+
+    def sample_batch():
+        """Stage-5 batch D' (row indices: kept source rows, then B target rows) and its Q-loss weights w."""
+        tgt_idx = Ns + torch.randint(Nt, (B,), device=dev)
+        if args.variant == "target":
+            return tgt_idx, None
+        if not filtered:  # merged: xi = 1, w = 1, no scorers
+            return torch.cat([torch.randint(Ns, (B,), device=dev), tgt_idx]), None
+        src_idx = torch.randint(Ns, (B,), device=dev)
+        with torch.no_grad():
+            h, adv = score_source(src_idx)
+            keep = select_kept(filter_scores(h, adv, lam)[0], n_keep)
+            return torch.cat([src_idx[keep], tgt_idx]), torch.cat([source_weight(h[keep]), torch.ones_like(h)])
+
+    # >>> backbone: TD3+BC
+    # ---- Stage 5b: TD3+BC on D' (method.md 9): twin critics, TD loss weighted by w, targets from the target actor with
+    #      smoothing noise; every policy_freq steps the actor (unweighted, Q1 only) and Polyak on actor and critics
+    actor, qf = nn.Sequential(mlp(ds, da), nn.Tanh()).to(dev), EnsembleMLP(2, ds + da, 1).to(dev)
+    actor_t, qf_t = copy.deepcopy(actor).requires_grad_(False), copy.deepcopy(qf).requires_grad_(False)
+    nets = dict(actor=actor, actor_target=actor_t, qf=qf, qf_target=qf_t)
+    opts = qf_opt, actor_opt = [adam(net.parameters()) for net in (qf, actor)]
+    scheds, loss_tags, actor_loss = [], ["losses/qf_loss", "losses/actor_loss"], torch.zeros((), device=dev)
+    # statistics of the target data: the policy acts in the target env, and they do not move with the filter
+    s_mean, s_std = data[Ns:, :ds].mean(0), data[Ns:, :ds].std(0) + 1e-3
+    if not args.normalize_states:
+        s_mean, s_std = torch.zeros_like(s_mean), torch.ones_like(s_std)
+    online, target = [*qf.parameters(), *actor.parameters()], [*qf_t.parameters(), *actor_t.parameters()]
+
+    def train_step(i: int):
+        idx, w = sample_batch()
+        s, a, r, s2, done = split(data[idx], ds, da)
+        s, s2 = (s - s_mean) / s_std, (s2 - s_mean) / s_std
+        with torch.no_grad():
+            a2 = smoothed_target_action(actor_t(s2), args.policy_noise, args.noise_clip)
+            y = r + args.gamma * (1 - done) * qf_t(torch.cat([s2, a2], -1)).min(0).values.squeeze(-1)
+        qf_loss = optimize(qf_opt, td_loss(qf(torch.cat([s, a], -1)).squeeze(-1), y, w))
+        if i % args.policy_freq == 0:
+            pi = actor(s)
+            q1_pi = qf(torch.cat([s, pi], -1))[0].squeeze(-1)
+            actor_loss.copy_(optimize(actor_opt, td3bc_actor_loss(q1_pi, pi, a, args.alpha), list(actor.parameters())))
+            with torch.no_grad():
+                torch._foreach_lerp_(target, online, args.tau)
+        return torch.stack([qf_loss, actor_loss])
+
+    def eval_policy():  # the deterministic actor on normalised states, a CPU copy
+        net, mean, std = copy.deepcopy(actor).cpu(), s_mean.cpu(), s_std.cpu()
+        return lambda obs: net((obs - mean) / std)
+    # <<< backbone
+
+    if bench:
+        for i in range(100 + args.bench):
+            losses = train_step(i + 1)
+            if i == 99:  # timing starts after a 100-step warm-up
+                losses.tolist()  # waits for the device
+                t0 = time.time()
+        losses.tolist()
+        print(f"bench [{args.variant}] {args.bench} stage-5 updates: {args.bench / (time.time() - t0):.1f} steps/s "
+              f"(device {dev}, {torch.get_num_threads()} threads; stages 1-4 untrained)", flush=True)
+        return
+
+    @torch.no_grad()
+    def filter_diagnostics(step: int, chunks: int = 16):
+        """The filter on `chunks` fresh source batches, off the hot path (frozen scorers: same distribution as the
+        training batches): kept-row means, kept fraction per domain and quality, A per domain-quality (Fig. 2(b))."""
+        idx = torch.randint(Ns, (chunks, B), device=dev)
+        h, adv = (v.view(chunks, B) for v in score_source(idx.flatten()))
+        f, adv_norm = filter_scores(h, adv, lam)
+        keep = select_kept(f, n_keep)
+        for tag, v in (("h_mean", h), ("adv_norm_mean", adv_norm), ("weight_mean", source_weight(h))):
+            writer.add_scalar(f"filter/{tag}", v.gather(1, keep).mean().item(), step)
+        kept, tid = torch.zeros_like(h).scatter_(1, keep, 1.0).cpu(), d["traj_id"][idx].cpu()
+        dom, qual, adv = d["dom"].cpu()[tid], d["qual"].cpu()[tid], adv.cpu()
+        for lab, names in ((dom, d["dom_names"]), (qual, d["qual_names"])):
+            for k in [k for k in range(len(names)) if (lab == k).any()]:
+                writer.add_scalar(f"filter/kept_frac/{names[k]}", kept[lab == k].mean().item(), step)
+        for i, j in [(i, j) for i in range(len(d["dom_names"])) for j in range(len(d["qual_names"]))]:
+            if 3 in stages and (m := (dom == i) & (qual == j)).any():
+                writer.add_histogram(f"filter/adv/{d['dom_names'][i]}-{d['qual_names'][j]}", adv[m], step)
+
+    start, evals = 0, []
+    if (ck := checkpoint(5)) is not None:
+        for key, net in nets.items():
+            net.load_state_dict(ck[key])
+        for opt, state in zip(opts, ck["opts"]):
+            opt.load_state_dict(state)
+        for sched, state in zip(scheds, ck["scheds"]):
+            sched.load_state_dict(state)
+            sched.T_max = args.total_steps  # a finished run can be extended with a larger --total-steps
+        setters = (torch.set_rng_state, np.random.set_state, random.setstate, torch.cuda.set_rng_state_all)
+        for set_state, state in zip(setters, ck["rng"]):
+            if state is not None:
+                set_state(state)
+        start, evals = ck["step"], ck["evals"]
+        print(f"[stage 5] resuming from step {start}", flush=True)
+    eval_env = d["tgt_ds"].recover_environment(eval_env=True)
+    is_eval_step = lambda i: i % args.eval_freq == 0 or i == args.total_steps
+
+    def after_step(step: int):  # run_stage has just read (and checked) the losses if step % log_freq == 0 or eval step
+        if filtered and (step % args.log_freq == 0 or is_eval_step(step)):
+            filter_diagnostics(step)
+        if is_eval_step(step):
+            returns = evaluate(eval_policy(), eval_env, args.eval_episodes, args.seed + 10_000)
+            score = float(np.mean(minari.get_normalized_score(d["tgt_ds"], returns)) * 100)
+            writer.add_scalar("eval/return", returns.mean(), step)
+            writer.add_scalar("eval/normalized_score", score, step)
+            evals.append((step, float(returns.mean()), score))
+            print(f"[eval] step {step}: return {returns.mean():.1f} +- {returns.std():.1f}, normalized score {score:.1f}")
+            rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+                   torch.cuda.get_rng_state_all() if dev.type == "cuda" else None)
+            save(dict(step=step, **{k: net.state_dict() for k, net in nets.items()}, opts=[o.state_dict() for o in opts],
+                      scheds=[sc.state_dict() for sc in scheds], rng=rng, evals=evals, variant=args.variant), f"{run_dir}/stage5.pt")
+
+    name = f"stage 5 TD3+BC {args.variant}" + (f" lambda {lam} xi {args.xi} keep {n_keep}/{B}" if filtered else "")
+    run_stage(name, args.total_steps, train_step, loss_tags, writer, args.log_freq, start=start, sps_tag="charts/SPS",
+              must_log=is_eval_step, after_step=after_step)
+    if evals:
+        with open(os.path.join(run_dir, "results.json"), "w") as fh:  # (step, return, normalized score) per evaluation
+            json.dump({"variant": args.variant, "final_normalized_score": evals[-1][2], "evals": evals}, fh, indent=1)
+        print(f"done: {run_dir}  final (last, not best) normalized score {evals[-1][2]:.1f}", flush=True)
+    eval_env.close()
+    writer.close()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
