@@ -118,19 +118,13 @@ def parse_source(spec: str) -> list[tuple[str, str, float]]:
     entries = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
         parts = item.split(":")
-        if len(parts) not in (2, 3) or parts[1] not in QUALITIES:
-            fail(f"malformed source entry {item!r}: expected domain:quality[:weight] with quality "
-                 f"in {'|'.join(QUALITIES)}, e.g. 'gravity-0.5:random,torso-hard:medium'")
-        try:
-            weight = float(parts[2]) if len(parts) == 3 else 1.0
-        except ValueError:
-            weight = -1.0
-        if not weight > 0:
-            fail(f"malformed source entry {item!r}: the weight must be a positive number")
-        entries.append((parts[0], parts[1], weight))
-    if not entries:
-        fail("empty source spec: give at least one domain:quality entry")
-    return entries
+        weight = parts[2] if len(parts) == 3 else "1"
+        if len(parts) not in (2, 3) or parts[1] not in QUALITIES or not weight.replace(".", "", 1).isdigit() \
+                or float(weight) <= 0:
+            fail(f"malformed source entry {item!r}: expected domain:quality[:weight] with quality in "
+                 f"{'|'.join(QUALITIES)} and a positive weight, e.g. 'gravity-0.5:random,torso-hard:medium:2'")
+        entries.append((parts[0], parts[1], float(weight)))
+    return entries or fail("empty source spec: give at least one domain:quality entry")
 
 
 def size_tag(n: int) -> str:
