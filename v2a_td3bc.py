@@ -562,9 +562,7 @@ def main(args: Args):
     opts = qf_opt, actor_opt = [adam(net.parameters()) for net in (qf, actor)]
     scheds, loss_tags, actor_loss = [], ["losses/qf_loss", "losses/actor_loss"], torch.zeros((), device=dev)
     # statistics of the target data: the policy acts in the target env, and they do not move with the filter
-    s_mean, s_std = data[Ns:, :ds].mean(0), data[Ns:, :ds].std(0) + 1e-3
-    if not args.normalize_states:
-        s_mean, s_std = torch.zeros_like(s_mean), torch.ones_like(s_std)
+    s_mean, s_std = (data[Ns:, :ds].mean(0), data[Ns:, :ds].std(0) + 1e-3) if args.normalize_states else (0.0, 1.0)
     online, target = [*qf.parameters(), *actor.parameters()], [*qf_t.parameters(), *actor_t.parameters()]
 
     def train_step(i: int):
@@ -584,7 +582,7 @@ def main(args: Args):
         return torch.stack([qf_loss, actor_loss])
 
     def eval_policy():  # the deterministic actor on normalised states, a CPU copy
-        net, mean, std = copy.deepcopy(actor).cpu(), s_mean.cpu(), s_std.cpu()
+        net, mean, std = copy.deepcopy(actor).cpu(), *(torch.as_tensor(v).cpu() for v in (s_mean, s_std))
         return lambda obs: net((obs - mean) / std)
     # <<< backbone
 
