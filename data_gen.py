@@ -28,7 +28,7 @@ import tyro
 class Args:
     env_id: str = "Hopper-v4"
     """the nominal (target) environment: Hopper, Walker2d, HalfCheetah or Ant, version v4 or v5"""
-    source: str = "torso-hard:random,gravity-0.5:medium,legjnt-hard:expert"
+    source: str = "torso-hard:random,gravity-0.5:expert,legjnt-hard:medium"
     """the source mixture: comma-separated `domain:quality[:weight]` entries (quality: random|medium|expert)"""
     source_size: int = 1_000_000
     """total transitions of the source mixture, split across entries by weight"""

@@ -24,7 +24,7 @@ import tyro
 from minari.storage import get_dataset_path
 from torch.utils.tensorboard import SummaryWriter
 
-DEFAULT_SOURCE = "torso-hard:random,gravity-0.5:medium,legjnt-hard:expert"  # as data_gen.py
+DEFAULT_SOURCE = "torso-hard:random,gravity-0.5:expert,legjnt-hard:medium"  # as data_gen.py
 QUALITIES = ("random", "medium", "expert")
 VARIANT_STAGES = {"v2a": (1, 2, 3, 4), "dvdf": (3, 4), "igdf": (4,), "merged": (), "target": ()}
 PUBLISHED_TRADEOFF = {"v2a": 0.6, "dvdf": 0.7, "igdf": 1.0}  # lambda: method.md sections 7.1 and 8 (igdf: h only)

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(env_id="Hopper-v4", source="torso-hard:random,gravity-0.5:medium,legjnt-hard:expert",
+TINY = dict(env_id="Hopper-v4", source="torso-hard:random,gravity-0.5:expert,legjnt-hard:medium",
             source_size=3000, target_size=1000)
 
 

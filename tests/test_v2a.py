@@ -174,8 +174,8 @@ def test_dataset_ids_and_parse_source_match_data_gen():
     import data_gen
     assert v.DEFAULT_SOURCE == data_gen.Args().source
     src, tgt = v.dataset_ids("Hopper-v4", v.DEFAULT_SOURCE, 1_000_000, 100_000)
-    assert src == ["v2a/hopper-v4/source/torsohard-random-333k-v0", "v2a/hopper-v4/source/gravity0p5-medium-333k-v0",
-                   "v2a/hopper-v4/source/legjnthard-expert-333k-v0"]  # int(1e6 / 3) = 333333, tagged 333k
+    assert src == ["v2a/hopper-v4/source/torsohard-random-333k-v0", "v2a/hopper-v4/source/gravity0p5-expert-333k-v0",
+                   "v2a/hopper-v4/source/legjnthard-medium-333k-v0"]  # int(1e6 / 3) = 333333, tagged 333k
     assert tgt == "v2a/hopper-v4/target/medium-100k-v0"
     for spec in ("a-1:expert:2,b:random", "gravity-0.5:random:1.5,torso-hard:medium:0.5"):
         assert v.dataset_ids("Walker2d-v5", spec, 30_000, 5000) == data_gen.dataset_ids("Walker2d-v5", spec, 30_000, 5000)
