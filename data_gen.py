@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import gymnasium as gym
+import minari
 import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from minari.data_collector.episode_buffer import EpisodeBuffer
 
 
 @dataclass
@@ -419,7 +421,6 @@ def load_actor(args: Args, robot: str, domain: str, quality: str) -> tuple[Optio
 def collect(env: gym.Env, actor: Optional[Actor], n_transitions: int, seed: int, options: dict):
     """Whole episodes until `n_transitions`; the last episode is cut there (flagged as truncated), so no
     transition spans two episodes. Actions are sampled from the stochastic policy, as D4RL's were."""
-    from minari.data_collector.episode_buffer import EpisodeBuffer
     rng, buffers, count, ep, start, next_report = np.random.default_rng(seed), [], 0, 0, time.time(), 0.25
     while count < n_transitions:
         if count >= next_report * n_transitions:
@@ -444,14 +445,12 @@ def collect(env: gym.Env, actor: Optional[Actor], n_transitions: int, seed: int,
 
 
 def dataset_exists(dataset_id: str) -> bool:
-    import minari
     return os.path.exists(os.path.join(minari.storage.get_dataset_path(), dataset_id))
 
 
 def write_dataset(dataset_id: str, overwrite: bool, generation: dict, **create_kwargs):
     """Create the dataset in a staging root, then move it under its final id in one rename, so an interrupted
     run never leaves a half-written dataset under a final id."""
-    import minari
     root = str(minari.storage.get_dataset_path())
     staging = f"{root.rstrip(os.sep)}-staging-{os.getpid()}"
     os.environ["MINARI_DATASETS_PATH"], previous = staging, os.environ.get("MINARI_DATASETS_PATH")
@@ -479,7 +478,6 @@ def episode_summary(ds) -> str:
 
 
 def generate(args: Args, robot: str):
-    import minari
     entries = parse_source(args.source)
     for domain, _, _ in entries:
         if domain == "nominal":
