@@ -63,8 +63,8 @@ class Args:
     """lambda, the weight of h in f = lambda h + (1 - lambda) minmax(A); None: the variant's published value"""
     xi: float = 0.5
     """the kept fraction of each source batch"""
-    repr_steps: int = 20_000
-    """TC-ELBO iterations (E-step + M-step each); 20k instead of the code's 100k (method.md section 14 item 5)"""
+    repr_steps: int = 100_000
+    """TC-ELBO iterations (E-step + M-step each), as the official code; method.md 14.5 suggests 20-30k on a CPU"""
     sql_steps: int = 100_000
     """Sparse-Q-Learning steps of the advantage model (method.md section 14 item 4)"""
     info_steps: int = 7000
