@@ -640,7 +640,8 @@ def main(args: Args):
             rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
                    torch.cuda.get_rng_state_all() if dev.type == "cuda" else None)
             save(dict(step=step, **{k: net.state_dict() for k, net in nets.items()}, opts=[o.state_dict() for o in opts],
-                      scheds=[sc.state_dict() for sc in scheds], rng=rng, evals=evals, variant=args.variant), f"{run_dir}/stage5.pt")
+                      scheds=[sc.state_dict() for sc in scheds], rng=rng, evals=evals, variant=args.variant),
+                 f"{run_dir}/stage5.pt")
 
     name = f"stage 5 IQL {args.variant}" + (f" lambda {lam} xi {args.xi} keep {n_keep}/{B}" if filtered else "")
     run_stage(name, args.total_steps, train_step, loss_tags, writer, args.log_freq, start=start, sps_tag="charts/SPS",
