@@ -290,9 +290,31 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
     buf = {k: np.zeros((n, d), np.float32) for k, d in
            [("obs", obs_dim), ("act", act_dim), ("next_obs", obs_dim), ("rew", 1), ("term", 1)]}
     rng = np.random.default_rng(args.seed)
-    obs, _ = env.reset(seed=args.seed)
-    checkpoints, start, ep_ret, ep_rets = [], time.time(), 0.0, []
-    for step in range(n):
+    checkpoints, start, ep_ret, ep_rets, first_step = [], time.time(), 0.0, [], 0
+    # Resumable: every evaluation also writes the whole training state (networks, optimizers, replay buffer, RNGs)
+    # beside the policy file, so a run stopped by a session limit continues from its last evaluation.
+    state_path = policy_path(args, robot, domain).replace(".pt", ".train-state.pt")
+    modules = dict(actor=actor, qf=qf, qf_target=qf_target, actor_opt=actor_opt, q_opt=q_opt, alpha_opt=alpha_opt)
+    run_key = {"env_id": args.env_id, "domain": domain, "policy_steps": n, "seed": args.seed,
+               "policy_eval_freq": args.policy_eval_freq}
+    if os.path.exists(state_path):
+        state = torch.load(state_path, weights_only=False)
+        if state["run_key"] != run_key:
+            raise DataGenError(f"{state_path} belongs to another training run ({state['run_key']}); delete it to "
+                               f"start afresh")
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+        with torch.no_grad():
+            log_alpha.copy_(state["log_alpha"])
+        first_step = state["step"]
+        for k in buf:
+            buf[k][:first_step] = state["buffer"][k]
+        checkpoints, ep_rets = state["checkpoints"], state["ep_rets"]
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"[{domain}] resuming SAC from step {first_step} ({state_path})", flush=True)
+    obs, _ = env.reset(seed=args.seed + first_step)  # a resumed run starts a fresh episode
+    for step in range(first_step, n):
         act = policy_act(None if step < learning_starts else actor, obs, env, rng, deterministic=False)
         next_obs, r, term, trunc, _ = env.step(act)
         for k, v in zip(buf, (obs, act, next_obs, r, term)):
@@ -334,10 +356,17 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
         if (step + 1) % args.policy_eval_freq == 0:
             rets = evaluate_policy(eval_env, actor, 5, seed=10_000 + step)
             checkpoints.append((step + 1, float(rets.mean()), {k: v.clone() for k, v in actor.state_dict().items()}))
-            sps = (step + 1) / (time.time() - start)
+            sps = (step + 1 - first_step) / (time.time() - start)
             print(f"[{domain}] step {step + 1}/{n}  eval return {rets.mean():8.1f}  train return "
                   f"{np.mean(ep_rets[-10:]) if ep_rets else 0:8.1f}  {sps:5.0f} steps/s  "
                   f"ETA {(n - step - 1) / sps / 60:5.1f} min", flush=True)
+            state = {name: module.state_dict() for name, module in modules.items()}
+            state.update(run_key=run_key, step=step + 1, log_alpha=log_alpha.detach().clone(),
+                         buffer={k: v[:step + 1] for k, v in buf.items()}, checkpoints=checkpoints,
+                         ep_rets=ep_rets, numpy_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state())
+            os.makedirs(os.path.dirname(state_path), exist_ok=True)
+            torch.save(state, state_path + ".tmp")
+            os.replace(state_path + ".tmp", state_path)
     if not checkpoints:
         raise DataGenError("--policy-steps must be at least --policy-eval-freq")
     # Expert: best checkpoint among the top 3 after a 10-episode re-evaluation; medium: closest to 40% of it.
@@ -359,6 +388,8 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
     path = policy_path(args, robot, domain)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(record, path)
+    if os.path.exists(state_path):
+        os.remove(state_path)
     print(f"saved {path}: expert (step {expert[0]}) {expert_rets.mean():.1f} +- {expert_rets.std():.1f}, "
           f"medium (step {medium[0]}) {medium_rets.mean():.1f} +- {medium_rets.std():.1f}  "
           f"[{(time.time() - start) / 60:.1f} min]")
