@@ -1,15 +1,20 @@
 # Heterogeneous cross-domain offline datasets for V2A, stored with Minari.
-# docs: docs/data_gen.md    method: ../shared/docs/method.md sections 3 and 14 (item 1-2)
+# docs: docs/data_gen.md    method: docs/specification.md §3 and §14 (items 1-2)
 """Generate a heterogeneous source mixture (several dynamics-shifted domains, each collected by its own
 behaviour policy) and a small target dataset in the nominal environment.
 
     python data_gen.py --env-id Hopper-v4                      # datasets, with the committed behaviour policies
     python data_gen.py --env-id Hopper-v4 --train-domain nominal   # train the behaviour policies of one domain
 """
+import contextlib
+import fcntl
 import json
+import math
 import os
 import random
+import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -30,8 +35,10 @@ from minari.data_collector.episode_buffer import EpisodeBuffer
 class Args:
     env_id: str = "Hopper-v4"
     """the nominal (target) environment: Hopper, Walker2d, HalfCheetah or Ant, version v4 or v5"""
-    source: str = "torso-hard:random,gravity-0.5:expert,legjnt-hard:medium"
-    """the source mixture: comma-separated `domain:quality[:weight]` entries (quality: random|medium|expert)"""
+    source: Optional[str] = None
+    """the source mixture: comma-separated `domain:quality[:weight]` entries (quality: random|medium|expert, weight:
+    a finite number > 0, default 1); default: the robot's mixture in DEFAULT_SOURCES (Hopper:
+    torso-hard:random,gravity-0.5:expert,legjnt-hard:medium)"""
     source_size: int = 1_000_000
     """total transitions of the source mixture, split across entries by weight"""
     target_size: int = 100_000
@@ -79,6 +86,14 @@ ROBOTS = {
                        "halflegs": ("limb", ["left_ankle_geom", "right_ankle_geom"])}),
 }
 SUPPORTED_ENV_IDS = [f"{robot}-{v}" for robot in ROBOTS for v in ("v4", "v5")]
+# The default source mixture of each robot: three shift families, each collected by a different behaviour quality
+# (docs/data_gen.md, "The default mixture, and why"). The training scripts use the same defaults.
+DEFAULT_SOURCES = {
+    "Hopper": "torso-hard:random,gravity-0.5:expert,legjnt-hard:medium",
+    "Walker2d": "torso-hard:random,gravity-0.5:expert,thighjnt-hard:medium",
+    "HalfCheetah": "torso-hard:random,gravity-0.5:expert,thighjnt-hard:medium",
+    "Ant": "gravity-0.1:random,alllegs-hard:expert,hipjnt-medium:medium",
+}
 QUALITIES = ("random", "medium", "expert")
 
 
@@ -91,6 +106,11 @@ def robot_of(env_id: str) -> str:
     if robot not in ROBOTS or version not in ("v4", "v5"):
         raise DataGenError(f"unknown env id {env_id!r}; supported: {', '.join(SUPPORTED_ENV_IDS)}")
     return robot
+
+
+def default_source(env_id: str) -> str:
+    """The default `--source` mixture of the robot of `env_id`."""
+    return DEFAULT_SOURCES[robot_of(env_id)]
 
 
 def domain_names(robot: str) -> list[str]:
@@ -273,7 +293,7 @@ def policy_path(args: Args, robot: str, domain: str) -> str:
 
 def train_behaviour_policies(args: Args, robot: str, domain: str):
     """SAC in one domain; every `policy_eval_freq` steps the actor is evaluated and kept. The expert is the best
-    checkpoint, the medium the checkpoint whose return is closest to 40% of the expert's (method.md section 14.1),
+    checkpoint, the medium the checkpoint whose return is closest to 40% of the expert's (docs/specification.md §14 item 1),
     both re-evaluated on 10 fresh episodes before they are saved."""
     env, eval_env = make_domain_env(args.env_id, domain), make_domain_env(args.env_id, domain)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
@@ -298,7 +318,11 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
     run_key = {"env_id": args.env_id, "domain": domain, "policy_steps": n, "seed": args.seed,
                "policy_eval_freq": args.policy_eval_freq}
     if os.path.exists(state_path):
-        state = torch.load(state_path, weights_only=False)
+        try:
+            state = torch.load(state_path, weights_only=False)
+        except Exception as e:
+            raise DataGenError(f"training state {state_path} cannot be read ({one_line(e)}); delete it to start "
+                               f"afresh") from None
         if state["run_key"] != run_key:
             raise DataGenError(f"{state_path} belongs to another training run ({state['run_key']}); delete it to "
                                f"start afresh")
@@ -387,7 +411,8 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
               "curve": [(c[0], c[1]) for c in checkpoints], "obs_dim": obs_dim, "act_dim": act_dim}
     path = policy_path(args, robot, domain)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(record, path)
+    torch.save(record, path + ".tmp")
+    os.replace(path + ".tmp", path)  # never a half-written policy file under its final name
     if os.path.exists(state_path):
         os.remove(state_path)
     print(f"saved {path}: expert (step {expert[0]}) {expert_rets.mean():.1f} +- {expert_rets.std():.1f}, "
@@ -395,12 +420,11 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
           f"[{(time.time() - start) / 60:.1f} min]")
 
 
-
 # --------------------------------------------------------------------------------------------------------------
-# Mixture spec and dataset ids (the training scripts derive the same ids from the same flags)
+# Mixture spec and dataset ids (the training scripts copy these three functions verbatim: same grammar, same ids)
 # --------------------------------------------------------------------------------------------------------------
 def parse_source(spec: str) -> list[tuple[str, str, float]]:
-    """`domain:quality[:weight]` entries -> [(domain, quality, weight)]"""
+    """`domain:quality[:weight]` entries -> [(domain, quality, weight)]; a weight is a finite number > 0."""
     entries = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
         parts = item.split(":")
@@ -410,9 +434,9 @@ def parse_source(spec: str) -> list[tuple[str, str, float]]:
         try:
             weight = float(parts[2]) if len(parts) == 3 else 1.0
         except ValueError:
-            weight = -1.0
-        if not weight > 0:
-            raise DataGenError(f"malformed source entry {item!r}: the weight must be a positive number")
+            weight = math.nan
+        if not (math.isfinite(weight) and weight > 0):
+            raise DataGenError(f"malformed source entry {item!r}: the weight must be a finite number > 0")
         entries.append((parts[0], parts[1], weight))
     if not entries:
         raise DataGenError("empty source spec: give at least one domain:quality entry")
@@ -420,7 +444,7 @@ def parse_source(spec: str) -> list[tuple[str, str, float]]:
 
 
 def size_tag(n: int) -> str:
-    return f"{n // 1000}k" if n >= 10_000 else str(n)  # a label: the exact count is in the dataset
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)  # exact: 333333 -> "333333", 30000 -> "30k"
 
 
 def dataset_ids(env_id: str, source: str, source_size: int, target_size: int) -> tuple[list[str], str]:
@@ -433,20 +457,112 @@ def dataset_ids(env_id: str, source: str, source_size: int, target_size: int) ->
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Argument checks: every bad input is one line on stderr, before anything is read, trained or written
+# --------------------------------------------------------------------------------------------------------------
+MAX_DATASET_TRANSITIONS = 10_000_000  # per dataset
+COLLECT_RATE = 4500  # transitions/s of a default Hopper run on the 2-core CPU (1.1M transitions in 4 min 5 s)
+DIMS = {"Hopper": (11, 3), "Walker2d": (17, 6), "HalfCheetah": (17, 6), "Ant": (27, 8)}  # observation, action
+
+
+def disk_bytes(robot: str, n: int) -> float:
+    """Measured with Minari's hdf5 storage: float32 observations and actions, float64 rewards, two flags, and
+    about 15 KB per episode (counted here for 1000-step episodes; short random-policy episodes take more)."""
+    return n * (4 * sum(DIMS[robot]) + 10 + 15)
+
+
+def entry_label(domain: str, quality: str, weight: float) -> str:
+    return f"{domain}:{quality}" + ("" if weight == 1.0 else f":{weight:g}")
+
+
+def entry_sizes(entries, source_size: int) -> list[int]:
+    total = sum(w for _, _, w in entries)
+    return [int(source_size * w / total) for _, _, w in entries]  # exactly as dataset_ids splits the mixture
+
+
+def min_source_size(entries) -> int:
+    """The smallest --source-size that gives every entry at least one transition."""
+    total = sum(w for _, _, w in entries)
+    need = max(max(1, math.ceil(total / w)) for _, _, w in entries)
+    while need > 1 and min(entry_sizes(entries, need - 1)) >= 1:  # float rounding, either way
+        need -= 1
+    while min(entry_sizes(entries, need)) < 1:
+        need += 1
+    return need
+
+
+def check_size(robot: str, what: str, n: int):
+    if n > MAX_DATASET_TRANSITIONS:
+        raise DataGenError(
+            f"{what} would get {n:,} transitions, above the cap of {MAX_DATASET_TRANSITIONS:,} per dataset: it would "
+            f"take about {n / COLLECT_RATE / 3600:,.1f} h to collect on a 2-core CPU (~{COLLECT_RATE:,} "
+            f"transitions/s measured) and at least {disk_bytes(robot, n) / 1e9:,.1f} GB on disk")
+
+
+def validate_args(args: Args, robot: str):
+    """All argument checks, before any work (no file is read or written here)."""
+    if not 0 <= args.seed < 2 ** 32:
+        raise DataGenError(f"--seed {args.seed}: must be between 0 and 2**32 - 1")
+    if args.threads < 1:
+        raise DataGenError(f"--threads {args.threads}: must be at least 1")
+    if args.policy_steps < 1:
+        raise DataGenError(f"--policy-steps {args.policy_steps}: must be at least 1")
+    if not 1 <= args.policy_eval_freq <= args.policy_steps:
+        raise DataGenError(f"--policy-eval-freq {args.policy_eval_freq}: must be between 1 and --policy-steps "
+                           f"({args.policy_steps})")
+    for flag, value in (("--ref-min-episodes", args.ref_min_episodes), ("--ref-max-episodes", args.ref_max_episodes)):
+        if value < 1:
+            raise DataGenError(f"{flag} {value}: must be at least 1")
+    if args.train_domain is not None:
+        check_domain(robot, args.train_domain)
+    entries = parse_source(args.source)
+    for domain, _, _ in entries:
+        if domain == "nominal":
+            raise DataGenError("the source mixture must contain shifted domains only (nominal is the target)")
+        check_domain(robot, domain)
+    if args.target_size < 1:
+        raise DataGenError(f"--target-size {args.target_size}: the target dataset would get no transition; "
+                           f"the minimum is 1")
+    for entry, n in zip(entries, entry_sizes(entries, args.source_size)):
+        if n < 1:
+            raise DataGenError(
+                f"--source-size {args.source_size}: source entry '{entry_label(*entry)}' would get no transition "
+                f"(int({args.source_size} * {entry[2]:g} / {sum(w for _, _, w in entries):g}) = {n}); the minimum "
+                f"--source-size for this mixture is {min_source_size(entries)}")
+        check_size(robot, f"--source-size {args.source_size}: source entry '{entry_label(*entry)}'", n)
+    check_size(robot, f"--target-size {args.target_size}: the target dataset", args.target_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Collection and storage
 # --------------------------------------------------------------------------------------------------------------
+POLICY_TRAINING_TIME = "SAC 300k steps, about 45-60 min on one core of this 2-core CPU"
+
+
+def train_command(args: Args, domain: str) -> str:
+    cmd = f"python data_gen.py --env-id {args.env_id} --train-domain {domain}"
+    return cmd if args.policy_dir == "policies" else f"{cmd} --policy-dir {args.policy_dir}"
+
+
 def load_actor(args: Args, robot: str, domain: str, quality: str) -> tuple[Optional[Actor], dict]:
     """The committed behaviour policy `quality` of `domain` (None for the uniform random policy)."""
     if quality == "random":
         return None, {}
     path = policy_path(args, robot, domain)
     if not os.path.exists(path):
-        raise DataGenError(f"no behaviour policy {path}; train it with: python data_gen.py --env-id {args.env_id} "
-                           f"--train-domain {domain}  (SAC, about 50 min on 2 CPU cores)")
-    record = torch.load(path, weights_only=False)
-    actor = Actor(record["obs_dim"], record["act_dim"])
-    actor.load_state_dict(record[quality]["state_dict"])
+        raise DataGenError(f"no behaviour policy {path}; train it with: {train_command(args, domain)}  "
+                           f"({POLICY_TRAINING_TIME})")
+    try:
+        record = torch.load(path, weights_only=False)
+        actor = Actor(record["obs_dim"], record["act_dim"])
+        actor.load_state_dict(record[quality]["state_dict"])
+    except Exception as e:
+        raise DataGenError(f"behaviour policy file {path} cannot be read ({one_line(e)}); train it again with: "
+                           f"{train_command(args, domain)}") from None
     return actor, record[quality]
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
 def collect(env: gym.Env, actor: Optional[Actor], n_transitions: int, seed: int, options: dict):
@@ -475,15 +591,97 @@ def collect(env: gym.Env, actor: Optional[Actor], n_transitions: int, seed: int,
     return buffers
 
 
+def float32_box(space: gym.spaces.Box) -> gym.spaces.Box:
+    """The space as stored: observations and actions are written as float32."""
+    return gym.spaces.Box(space.low.astype(np.float32), space.high.astype(np.float32), space.shape, np.float32)
+
+
+def datasets_root() -> str:
+    """Minari's datasets root ($MINARI_DATASETS_PATH, default ~/.minari/datasets), without creating it (Minari's
+    own `get_dataset_path` creates it, which fails with a traceback where it cannot)."""
+    path = os.environ.get("MINARI_DATASETS_PATH")
+    if path is None:
+        path = os.path.join(os.path.expanduser("~"), ".minari", "datasets")
+    return os.path.abspath(path)
+
+
+def staging_dir(root: str, pid: int) -> str:
+    return f"{root}-staging-{pid}"
+
+
 def dataset_exists(dataset_id: str) -> bool:
-    return os.path.exists(os.path.join(minari.storage.get_dataset_path(), dataset_id))
+    return os.path.exists(os.path.join(datasets_root(), dataset_id))
 
 
-def write_dataset(dataset_id: str, overwrite: bool, generation: dict, **create_kwargs):
-    """Create the dataset in a staging root, then move it under its final id in one rename, so an interrupted
+def check_writable(root: str):
+    """Create (and remove) a probe file in the datasets root and the staging folder beside it; permission bits
+    say nothing when running as root, so only trying tells."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".v2a-write-probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("probe\n")
+        os.remove(probe)
+        os.makedirs(staging_dir(root, os.getpid()), exist_ok=True)
+        os.rmdir(staging_dir(root, os.getpid()))
+    except OSError as e:
+        raise DataGenError(f"cannot write datasets under {root} ({one_line(e)}); set MINARI_DATASETS_PATH to a "
+                           f"writable folder") from None
+
+
+@contextlib.contextmanager
+def generation_lock(root: str):
+    """Exclusive lock of the datasets root for a whole generation: a second data_gen.py waits, then finds the
+    datasets the first one wrote and reuses them. The lock file holds the writer's pid."""
+    fd = os.open(os.path.join(root, ".v2a-data_gen.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            for _ in range(20):  # the holder writes its pid right after it takes the lock
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            print(f"waiting for another data_gen.py (pid {holder or '?'}) writing to {root}", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a killed, not yet reaped process is dead
+    except (OSError, IndexError):
+        return True
+
+
+def remove_stale_staging(root: str):
+    """Remove the staging folders of interrupted or failed generations: those whose process is gone."""
+    parent, base = os.path.split(root)
+    pattern = re.compile(re.escape(base) + r"-staging-(\d+)")
+    for name in sorted(os.listdir(parent)):
+        match = pattern.fullmatch(name)
+        if match and (int(match.group(1)) == os.getpid() or not pid_alive(int(match.group(1)))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            print(f"removed {os.path.join(parent, name)}, left by an interrupted data_gen.py (pid {match.group(1)})")
+
+
+def write_dataset(dataset_id: str, staging: str, generation: dict, **create_kwargs):
+    """Create the dataset in the staging root, then move it under its final id in one rename, so an interrupted
     run never leaves a half-written dataset under a final id."""
-    root = str(minari.storage.get_dataset_path())
-    staging = f"{root.rstrip(os.sep)}-staging-{os.getpid()}"
     os.environ["MINARI_DATASETS_PATH"], previous = staging, os.environ.get("MINARI_DATASETS_PATH")
     try:
         ds = minari.create_dataset_from_buffers(dataset_id=dataset_id, **create_kwargs)
@@ -493,12 +691,14 @@ def write_dataset(dataset_id: str, overwrite: bool, generation: dict, **create_k
             del os.environ["MINARI_DATASETS_PATH"]
         else:
             os.environ["MINARI_DATASETS_PATH"] = previous
-    final = os.path.join(root, dataset_id)
-    if overwrite and os.path.exists(final):
-        shutil.rmtree(final)
+    final = os.path.join(datasets_root(), dataset_id)
     os.makedirs(os.path.dirname(final), exist_ok=True)
+    if os.path.exists(final):  # --overwrite: move the old one aside first (a folder cannot be renamed onto another)
+        old = os.path.join(staging, ".replaced", dataset_id)
+        os.makedirs(os.path.dirname(old), exist_ok=True)
+        os.rename(final, old)
     os.replace(os.path.join(staging, dataset_id), final)
-    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(os.path.join(staging, ".replaced"), ignore_errors=True)
 
 
 def episode_summary(ds) -> str:
@@ -508,62 +708,103 @@ def episode_summary(ds) -> str:
             f"return {np.mean(returns):8.1f} +- {np.std(returns):7.1f}")
 
 
-def generate(args: Args, robot: str):
-    entries = parse_source(args.source)
-    for domain, _, _ in entries:
-        if domain == "nominal":
-            raise DataGenError("the source mixture must contain shifted domains only (nominal is the target)")
-        check_domain(robot, domain)
-    if min(args.source_size, args.target_size) < 1:
-        raise DataGenError("--source-size and --target-size must be positive")
-    source_ids, target_id = dataset_ids(args.env_id, args.source, args.source_size, args.target_size)
-    total_w = sum(w for _, _, w in entries)
-    common = dict(algorithm_name="SAC behaviour policies (data_gen.py)", author="v2a",
-                  code_permalink="data_gen.py", requirements=[f"mujoco=={mujoco.__version__}"])
-    jobs = [(target_id, "nominal", "medium", args.target_size)] + [
-        (i, d, q, int(args.source_size * w / total_w)) for i, (d, q, w) in zip(source_ids, entries)]
-    def generation(domain, quality, n):  # what makes a dataset: re-running with the same values reuses it
-        return {"env_id": args.env_id, "domain": domain, "quality": quality, "transitions": n, "seed": args.seed,
-                "mixture": args.source if domain != "nominal" else None}
-
-    for dataset_id, domain, quality, n in jobs:  # check everything before the first minute of collection
-        if dataset_exists(dataset_id) and not args.overwrite:
-            stored = minari.load_dataset(dataset_id).storage.metadata.get("v2a_generation")
+def plan(args: Args, robot: str, jobs: list, generation) -> list:
+    """The jobs still to collect. Checks, reading only: an existing dataset must load and have been made with the
+    same arguments (unless --overwrite); every behaviour policy a job needs must exist (all missing ones are
+    listed in one line) and load."""
+    todo, needed = [], []
+    for job in jobs:
+        dataset_id, domain, quality, n = job
+        path = os.path.join(datasets_root(), dataset_id)
+        if os.path.exists(path) and not args.overwrite:
+            try:
+                ds = minari.load_dataset(dataset_id)
+                stored = ds.storage.metadata.get("v2a_generation")
+                ds.storage.get_episode_metadata([ds.total_episodes - 1])
+            except Exception as e:
+                raise DataGenError(f"dataset {dataset_id} at {path} cannot be loaded ({one_line(e)}): it is corrupt "
+                                   f"or partial; pass --overwrite to regenerate it") from None
             if stored is None or json.loads(stored) != generation(domain, quality, n):
                 raise DataGenError(f"dataset {dataset_id} exists but was made with other arguments ({stored}); "
                                    f"pass --overwrite to replace it")
             continue
-        load_actor(args, robot, domain, quality)
-    if not dataset_exists(target_id) or args.overwrite:
-        load_actor(args, robot, "nominal", "expert")
-    start = time.time()
-    for k, (dataset_id, domain, quality, n) in enumerate(jobs):
-        if dataset_exists(dataset_id) and not args.overwrite:
-            print(f"[{k + 1}/{len(jobs)}] reusing {dataset_id} (pass --overwrite to regenerate)")
-            continue
-        print(f"[{k + 1}/{len(jobs)}] collecting {dataset_id} ({domain}:{quality}, {n} transitions)", flush=True)
-        env, t0 = make_domain_env(args.env_id, domain), time.time()
-        actor, info = load_actor(args, robot, domain, quality)
-        buffers = collect(env, actor, n, seed=args.seed + 1_000_000 * k, options={"domain": domain, "quality": quality})
-        kwargs = dict(common, buffer=buffers, env=env, eval_env=env.spec)
-        policy = f"the {quality} SAC policy of that domain" if actor is not None else "a uniform random policy"
-        if domain == "nominal":
-            eval_env = make_domain_env(args.env_id, "nominal")
-            expert, _ = load_actor(args, robot, "nominal", "expert")
-            ref_min = evaluate_policy(eval_env, None, args.ref_min_episodes, seed=args.seed + 123).mean()
-            ref_max = evaluate_policy(eval_env, expert, args.ref_max_episodes, seed=args.seed + 456).mean()
-            kwargs.update(ref_min_score=float(ref_min), ref_max_score=float(ref_max), description=(
-                f"V2A target dataset: {n} transitions of {args.env_id} (the nominal dynamics) collected by {policy}. "
-                f"ref_min_score: uniform random policy, {args.ref_min_episodes} episodes; ref_max_score: the nominal "
-                f"expert, {args.ref_max_episodes} deterministic episodes. Seed {args.seed}."))
+        todo.append(job)
+        needed += [(domain, quality)] + ([("nominal", "expert")] if domain == "nominal" else [])
+    missing = []
+    for domain, quality in dict.fromkeys(needed):
+        path = policy_path(args, robot, domain)
+        if quality != "random" and not os.path.exists(path):
+            if path not in [p for p, _ in missing]:
+                missing.append((path, domain))
         else:
-            kwargs["description"] = (
-                f"V2A source component {domain}:{quality} ({n} transitions, {policy}) of the mixture "
-                f"'{args.source}' for target {args.env_id}; shift '{domain}' applied by data_gen:make_shifted_env. "
-                f"Episode metadata: options.domain, options.quality. Seed {args.seed}.")
-        write_dataset(dataset_id, args.overwrite, generation(domain, quality, n), **kwargs)
-        print(f"      written in {time.time() - t0:.0f} s; total {time.time() - start:.0f} s", flush=True)
-    print(f"\nDatasets for {args.env_id} (MINARI_DATASETS_PATH={minari.storage.get_dataset_path()}):")
+            load_actor(args, robot, domain, quality)
+    if missing:
+        raise DataGenError(f"missing behaviour policies: " + "; ".join(f"{p} (train it: {train_command(args, d)})"
+                                                                     for p, d in missing)
+                           + f"; each takes {POLICY_TRAINING_TIME}, and resumes from its last evaluation if "
+                             f"stopped")
+    return todo
+
+
+def generate(args: Args, robot: str):
+    entries = parse_source(args.source)
+    source_ids, target_id = dataset_ids(args.env_id, args.source, args.source_size, args.target_size)
+    common = dict(algorithm_name="SAC behaviour policies (data_gen.py)", author="v2a",
+                  code_permalink="data_gen.py", requirements=[f"mujoco=={mujoco.__version__}"])
+    jobs = [(target_id, "nominal", "medium", args.target_size)] + [
+        (i, d, q, n) for i, (d, q, _), n in zip(source_ids, entries, entry_sizes(entries, args.source_size))]
+
+    def generation(domain, quality, n):  # what makes a dataset: re-running with the same values reuses it
+        return {"env_id": args.env_id, "domain": domain, "quality": quality, "transitions": n, "seed": args.seed,
+                "mixture": args.source if domain != "nominal" else None}
+
+    plan(args, robot, jobs, generation)  # check everything before the first write
+    root = datasets_root()
+    check_writable(root)
+    start = time.time()
+    with generation_lock(root):
+        remove_stale_staging(root)
+        todo = plan(args, robot, jobs, generation)  # again: another writer may have made some while we waited
+        staging = staging_dir(root, os.getpid())
+        try:
+            os.makedirs(staging)
+            for k, job in enumerate(jobs):
+                dataset_id, domain, quality, n = job
+                if job not in todo:
+                    print(f"[{k + 1}/{len(jobs)}] reusing {dataset_id} (pass --overwrite to regenerate)")
+                    continue
+                print(f"[{k + 1}/{len(jobs)}] collecting {dataset_id} ({domain}:{quality}, {n} transitions)",
+                      flush=True)
+                env, t0 = make_domain_env(args.env_id, domain), time.time()
+                actor, info = load_actor(args, robot, domain, quality)
+                buffers = collect(env, actor, n, seed=args.seed + 1_000_000 * k,
+                                  options={"domain": domain, "quality": quality})
+                kwargs = dict(common, buffer=buffers, env=env, eval_env=env.spec,
+                              observation_space=float32_box(env.observation_space),
+                              action_space=float32_box(env.action_space))
+                policy = f"the {quality} SAC policy of that domain" if actor is not None else "a uniform random policy"
+                if domain == "nominal":
+                    eval_env = make_domain_env(args.env_id, "nominal")
+                    expert, _ = load_actor(args, robot, "nominal", "expert")
+                    ref_min = evaluate_policy(eval_env, None, args.ref_min_episodes, seed=args.seed + 123).mean()
+                    ref_max = evaluate_policy(eval_env, expert, args.ref_max_episodes, seed=args.seed + 456).mean()
+                    kwargs.update(ref_min_score=float(ref_min), ref_max_score=float(ref_max), description=(
+                        f"V2A target dataset: {n} transitions of {args.env_id} (the nominal dynamics) collected by "
+                        f"{policy}. ref_min_score: uniform random policy, {args.ref_min_episodes} episodes; "
+                        f"ref_max_score: the nominal expert, {args.ref_max_episodes} deterministic episodes. "
+                        f"Seed {args.seed}."))
+                else:
+                    kwargs["description"] = (
+                        f"V2A source component {domain}:{quality} ({n} transitions, {policy}) of the mixture "
+                        f"'{args.source}' for target {args.env_id}; shift '{domain}' applied by "
+                        f"data_gen:make_shifted_env. recover_environment() imports the module data_gen of the v2a "
+                        f"repository: install it once with `pip install -r requirements.txt` (or `pip install -e .`) "
+                        f"in the repository. Episode metadata: options.domain, options.quality. Seed {args.seed}.")
+                write_dataset(dataset_id, staging, generation(domain, quality, n), **kwargs)
+                print(f"      written in {time.time() - t0:.0f} s; total {time.time() - start:.0f} s", flush=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    print(f"\nDatasets for {args.env_id} (MINARI_DATASETS_PATH={root}):")
     for dataset_id, domain, quality, _ in jobs:
         ds = minari.load_dataset(dataset_id)
         print(f"  {dataset_id}\n      {domain:>16s}:{quality:<7s} {episode_summary(ds)}")
@@ -572,15 +813,23 @@ def generate(args: Args, robot: str):
           f"ref_max_score {target.storage.metadata['ref_max_score']:.1f}")
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through the `finally` blocks: the staging folder is removed
+
+
 def main(args: Args):
+    robot = robot_of(args.env_id)
+    if args.source is None:
+        args.source = default_source(args.env_id)
+    validate_args(args, robot)
+    signal.signal(signal.SIGTERM, _terminate)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    robot = robot_of(args.env_id)
     if args.train_domain is not None:
-        train_behaviour_policies(args, robot, check_domain(robot, args.train_domain))
+        train_behaviour_policies(args, robot, args.train_domain)
         return
     generate(args, robot)
 
@@ -590,3 +839,5 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except DataGenError as e:
         sys.exit(f"data_gen.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("data_gen.py: interrupted (no dataset was left half-written)")
