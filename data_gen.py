@@ -720,7 +720,9 @@ def plan(args: Args, robot: str, jobs: list, generation) -> list:
             try:
                 ds = minari.load_dataset(dataset_id)
                 stored = ds.storage.metadata.get("v2a_generation")
-                ds.storage.get_episode_metadata([ds.total_episodes - 1])
+                steps = sum(m["total_steps"] for m in ds.storage.get_episode_metadata(range(ds.total_episodes)))
+                if steps != ds.total_steps:
+                    raise ValueError(f"its episodes hold {steps} transitions, its metadata says {ds.total_steps}")
             except Exception as e:
                 raise DataGenError(f"dataset {dataset_id} at {path} cannot be loaded ({one_line(e)}): it is corrupt "
                                    f"or partial; pass --overwrite to regenerate it") from None

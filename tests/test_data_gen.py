@@ -1,5 +1,12 @@
 """data_gen.py: shifted domains, behaviour-policy files, and the Minari datasets it writes."""
+import fcntl
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import minari
 import numpy as np
@@ -7,7 +14,7 @@ import pytest
 import torch
 
 import data_gen as dg
-from conftest import run_script
+from conftest import ROOT, TINY, run_script
 
 
 def first_divergence(env_id: str, domain: str, steps: int = 300) -> float:
@@ -77,12 +84,74 @@ def test_joint_range_scaling():
 def test_parse_source():
     assert dg.parse_source("torso-hard:random, gravity-0.5:medium:2") == [("torso-hard", "random", 1.0),
                                                                           ("gravity-0.5", "medium", 2.0)]
-    for bad in ["torso-hard", "torso-hard:good", "a:random:-1", "a:random:x", ""]:
-        with pytest.raises(dg.DataGenError):
+    assert dg.parse_source("a:expert:1e3,b:random:0.5") == [("a", "expert", 1000.0), ("b", "random", 0.5)]
+    for bad in ["torso-hard", "torso-hard:good", "a:random:-1", "a:random:0", "a:random:x", "a:random:inf",
+                "a:random:nan", "a:random:-inf", "a:random:1:2"]:
+        with pytest.raises(dg.DataGenError, match="^malformed source entry"):
             dg.parse_source(bad)
+    with pytest.raises(dg.DataGenError):
+        dg.parse_source("")
+
+
+def test_dataset_ids_are_exact():
+    assert [dg.size_tag(n) for n in (333333, 30000, 30500, 5000, 1000, 999)] == ["333333", "30k", "30500", "5k",
+                                                                                 "1k", "999"]
     src, tgt = dg.dataset_ids("Hopper-v4", "gravity-0.5:random,torso-hard:expert", 1_000_000, 5000)
     assert src == ["v2a/hopper-v4/source/gravity0p5-random-500k-v0", "v2a/hopper-v4/source/torsohard-expert-500k-v0"]
-    assert tgt == "v2a/hopper-v4/target/medium-5000-v0"
+    assert tgt == "v2a/hopper-v4/target/medium-5k-v0"
+    src, _ = dg.dataset_ids("Hopper-v4", dg.default_source("Hopper-v4"), 1_000_000, 100_000)
+    assert src[1] == "v2a/hopper-v4/source/gravity0p5-expert-333333-v0"
+    # two sizes that used to share a tag no longer share an id
+    assert dg.dataset_ids("Hopper-v4", "a:random", 30000, 1)[0] != dg.dataset_ids("Hopper-v4", "a:random", 30500, 1)[0]
+
+
+@pytest.mark.parametrize("env_id", dg.SUPPORTED_ENV_IDS)
+def test_default_source_per_robot(env_id):
+    robot = dg.robot_of(env_id)
+    assert dg.default_source(env_id) == dg.DEFAULT_SOURCES[robot]
+    entries = dg.parse_source(dg.default_source(env_id))
+    assert sorted(q for _, q, _ in entries) == ["expert", "medium", "random"]
+    for domain, _, _ in entries:
+        dg.check_domain(robot, domain)
+    assert dg.Args().source is None  # resolved per robot in main()
+
+
+def validate(**kwargs):
+    args = dg.Args(**kwargs)
+    args.source = args.source or dg.default_source(args.env_id)
+    dg.validate_args(args, dg.robot_of(args.env_id))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(seed=-1), "--seed -1"),
+    (dict(seed=2 ** 32), "--seed"),
+    (dict(policy_steps=0), "--policy-steps 0"),
+    (dict(policy_eval_freq=0), "--policy-eval-freq 0"),
+    (dict(policy_steps=1000, policy_eval_freq=2000), "between 1 and --policy-steps (1000)"),
+    (dict(ref_min_episodes=0), "--ref-min-episodes 0"),
+    (dict(ref_max_episodes=-3), "--ref-max-episodes -3"),
+    (dict(threads=0), "--threads 0"),
+    (dict(target_size=0), "--target-size 0"),
+    (dict(source_size=-5), "the minimum --source-size for this mixture is 3"),
+    (dict(source="a-hard:random"), "unknown shift"),
+    (dict(source="nominal:random"), "shifted domains only"),
+    (dict(source="torso-hard:random:1,gravity-0.5:expert:1e-3", source_size=1000),
+     "'gravity-0.5:expert:0.001' would get no transition (int(1000 * 0.001 / 1.001) = 0); the minimum --source-size "
+     "for this mixture is 1001"),
+    (dict(target_size=10_000_001), "above the cap of 10,000,000 per dataset"),
+    (dict(env_id="Ant-v5", source_size=10 ** 12), "GB on disk"),
+    (dict(train_domain="moon-gravity"), "unknown shift 'moon-gravity'"),
+])
+def test_validate_args(kwargs, message):
+    with pytest.raises(dg.DataGenError) as e:
+        validate(**kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_validate_args_accepts_edges():
+    validate(source_size=3, target_size=1, policy_steps=1, policy_eval_freq=1, seed=2 ** 32 - 1)
+    validate(source_size=30_000_000, target_size=10_000_000)  # exactly the cap per dataset
+    assert dg.min_source_size([("a", "random", 1.0), ("b", "random", 2.0)]) == 3
 
 
 def test_datasets(tiny_data):
@@ -101,6 +170,11 @@ def test_datasets(tiny_data):
         assert json.loads(ds.storage.metadata["v2a_generation"])["quality"] == quality
         env = ds.recover_environment(eval_env=True)
         assert env.observation_space.shape == (11,)
+        # the stored spaces say what the stored arrays are: float32, identical across source and target
+        assert ds.observation_space.dtype == np.float32 and ds.action_space.dtype == np.float32
+        assert next(ds.iterate_episodes()).observations.dtype == np.float32
+        target = minari.load_dataset(target_id)
+        assert ds.observation_space == target.observation_space and ds.action_space == target.action_space
         if domain != "nominal":
             assert env.spec.kwargs["shift"] == domain and tiny_data["source"] in ds.storage.metadata["description"]
     gravity_env = minari.load_dataset(source_ids[1]).recover_environment()
@@ -126,18 +200,174 @@ def test_reuse_and_conflicts(tiny_data):
     assert conflict.returncode != 0 and "--overwrite" in conflict.stderr and "Traceback" not in conflict.stderr
 
 
+# -------------------------------------------------------------------------------------------------------------
+# Bad input and faults, end to end: one line on stderr, a non-zero exit, nothing written where it must not be
+# -------------------------------------------------------------------------------------------------------------
+TINY_ARGS = ["--env-id", TINY["env_id"], "--source", TINY["source"], "--source-size", str(TINY["source_size"]),
+             "--target-size", str(TINY["target_size"]), "--ref-min-episodes", "5", "--ref-max-episodes", "2"]
+
+
+def script_env(minari_path) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MINARI_DATASETS_PATH=str(minari_path))
+
+
+def run_dg(minari_path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """data_gen.py as a user runs it, with its own MINARI_DATASETS_PATH."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data_gen.py"), *args], cwd=ROOT,
+                          env=script_env(minari_path), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"data_gen.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def start(minari_path, *args: str, out) -> subprocess.Popen:
+    """data_gen.py in the background, its stdout and stderr into files `out`.stdout / `out`.stderr."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "data_gen.py"), *args], cwd=ROOT,
+                            env=script_env(minari_path), stdout=open(f"{out}.stdout", "w"),
+                            stderr=open(f"{out}.stderr", "w"), text=True)
+
+
+def wait_for(condition, timeout: float = 120.0, what: str = ""):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def staging_folders(root) -> list[str]:
+    parent, base = os.path.split(str(root))
+    return [n for n in os.listdir(parent) if n.startswith(f"{base}-staging-")]
+
+
+def assert_tiny_datasets(root):
+    source_ids, target_id = dg.dataset_ids(TINY["env_id"], TINY["source"], TINY["source_size"], TINY["target_size"])
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        for dataset_id in source_ids + [target_id]:
+            ds = minari.load_dataset(dataset_id)
+            expected = TINY["target_size"] if dataset_id == target_id else TINY["source_size"] // 3
+            assert ds.total_steps == expected == sum(len(ep.actions) for ep in ds.iterate_episodes()), dataset_id
+    finally:
+        os.environ["MINARI_DATASETS_PATH"] = old
+
+
 @pytest.mark.parametrize("args,message", [
     (["--env-id", "Humanoid-v4"], "supported: Hopper-v4"),
     (["--source", "gravity-0.3:random"], "known: nominal, gravity-0.1"),
     (["--source", "torso-hard;random"], "malformed source entry"),
+    (["--source", "gravity-0.5:expert:inf"], "the weight must be a finite number > 0"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--policy-steps", "-1"], "--policy-steps -1"),
+    (["--policy-eval-freq", "0"], "--policy-eval-freq 0"),
+    (["--ref-min-episodes", "0"], "--ref-min-episodes 0"),
+    (["--source-size", "2"], "would get no transition"),
+    (["--source-size", "100000000"], "above the cap of 10,000,000 per dataset"),
+    (["--train-domain", "gravity-0.3"], "unknown shift 'gravity-0.3'"),
     (["--source", "torso-hard:medium", "--policy-dir", "/nonexistent"], "--train-domain nominal"),
+    # a robot without policies: every missing file with the command that trains it, in one line
+    (["--env-id", "Walker2d-v4", "--policy-dir", "/nonexistent"],
+     "/nonexistent/walker2d/gravity-0.5.pt (train it: python data_gen.py --env-id Walker2d-v4 --train-domain "
+     "gravity-0.5 --policy-dir /nonexistent); /nonexistent/walker2d/thighjnt-hard.pt"),
 ])
-def test_bad_input_is_one_clear_line(args, message, tmp_path, monkeypatch):
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-    proc = run_script("data_gen.py", *args, check=False)
+def test_bad_input_is_one_clear_line(args, message, tmp_path):
+    root = tmp_path / "datasets"
+    proc = run_dg(root, *args, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+    assert not root.exists() and os.listdir(tmp_path) == []  # nothing written
+
+
+def test_missing_policy_message_says_how_long(tmp_path):
+    proc = run_dg(tmp_path / "datasets", "--env-id", "Ant-v4", "--policy-dir", "/nonexistent", check=False)
+    assert "/nonexistent/ant/nominal.pt" in proc.stderr and "45-60 min" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+
+
+def test_corrupt_dataset_is_named(tiny_data, tmp_path):
+    root = tmp_path / "datasets"
+    shutil.copytree(tiny_data["minari_path"], root)
+    source_ids, target_id = dg.dataset_ids(TINY["env_id"], TINY["source"], TINY["source_size"], TINY["target_size"])
+    hdf5 = root / source_ids[1] / "data" / "main_data.hdf5"
+    os.truncate(hdf5, hdf5.stat().st_size // 2)
+    (root / target_id / "data" / "metadata.json").unlink()
+    for broken in (target_id, source_ids[1]):
+        proc = run_dg(root, *TINY_ARGS, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+        assert f"dataset {broken} at {root / broken}" in proc.stderr and "--overwrite" in proc.stderr
+        assert "collecting" not in proc.stdout
+        shutil.rmtree(root / broken)
+        shutil.copytree(os.path.join(tiny_data["minari_path"], broken), root / broken)  # the target is checked first
+    os.truncate(hdf5, hdf5.stat().st_size // 2)
+    run_dg(root, *TINY_ARGS, "--overwrite")
+    assert_tiny_datasets(root)
+
+
+def test_unwritable_datasets_path_fails_before_collecting(tmp_path):
+    (tmp_path / "afile").write_text("a regular file, so nothing can be created below it\n")
+    proc = run_dg(tmp_path / "afile" / "datasets", *TINY_ARGS, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert "cannot write datasets under" in proc.stderr and "MINARI_DATASETS_PATH" in proc.stderr
+    assert "collecting" not in proc.stdout and sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_two_writers_wait_and_reuse(tmp_path):
+    """Two data_gen.py on the same datasets: each waits while the lock is held (here by the test itself), then one
+    writes the datasets and the other reuses them."""
+    root = tmp_path / "datasets"
+    root.mkdir()
+    fd = os.open(root / ".v2a-data_gen.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    procs = [start(root, *TINY_ARGS, out=tmp_path / f"p{i}") for i in range(2)]
+    try:
+        waiting = f"waiting for another data_gen.py (pid {os.getpid()}) writing to {root}"
+        wait_for(lambda: all(waiting in (tmp_path / f"p{i}.stderr").read_text() for i in range(2)), what=waiting)
+    finally:
+        os.close(fd)
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    outs = [(tmp_path / f"p{i}.stdout").read_text() for i in range(2)]
+    assert sorted(out.count("reusing") for out in outs) == [0, 4]
+    assert_tiny_datasets(root)
+    assert staging_folders(root) == []
+
+
+def test_killed_run_leaves_nothing_behind(tmp_path):
+    root = tmp_path / "datasets"
+    proc = start(root, *TINY_ARGS, out=tmp_path / "killed")
+    staging = f"{root}-staging-{proc.pid}"
+    wait_for(lambda: os.path.isdir(staging) or proc.poll() is not None, what=staging)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.isdir(staging)  # what a SIGKILL leaves
+    rerun = run_dg(root, *TINY_ARGS)
+    assert f"removed {staging}" in rerun.stdout
+    assert staging_folders(root) == []
+    assert_tiny_datasets(root)
+
+
+def test_sigterm_removes_staging_in_process(tmp_path):
+    root = tmp_path / "datasets"
+    proc = start(root, *TINY_ARGS, out=tmp_path / "term")
+    staging = f"{root}-staging-{proc.pid}"
+    wait_for(lambda: os.path.isdir(staging) or proc.poll() is not None, what=staging)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert staging_folders(root) == [] and "Traceback" not in (tmp_path / "term.stderr").read_text()
+
+
+def test_recover_environment_from_another_directory(tiny_data, tmp_path):
+    """The datasets stand alone: with the project installed (`pip install -r requirements.txt` installs it with
+    `-e .`), recover_environment() works from any directory."""
+    source_ids, _ = dg.dataset_ids(TINY["env_id"], TINY["source"], TINY["source_size"], TINY["target_size"])
+    code = ("import minari; ds = minari.load_dataset(%r); env = ds.recover_environment(); "
+            "print(env.unwrapped.model.opt.gravity[2]); print(ds.storage.metadata['description'])" % source_ids[1])
+    env = {k: v for k, v in script_env(tiny_data["minari_path"]).items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, ("is the project installed (pip install -r requirements.txt)?\n" + proc.stderr)
+    assert np.isclose(float(proc.stdout.split()[0]), -9.81 * 0.5)
+    assert "pip install -r requirements.txt" in proc.stdout
 
 
 def test_sac_trainer_writes_medium_and_expert(tmp_path):
