@@ -1,12 +1,14 @@
 # V2A (Qiao et al., "Unifying Value Alignment and Assignment in Cross-Domain Offline RL with Heterogeneous Datasets",
 # ICML 2026, arXiv 2605.24862) with an IQL backbone, and the ablations DVDF, IGDF, merged and target-only IQL.
-# spec: shared/docs/method.md   docs: docs/v2a_iql.md   usage: python v2a_iql.py --env-id Hopper-v4 [--variant dvdf]
+# spec: docs/specification.md   docs: docs/v2a_iql.md   usage: python v2a_iql.py --env-id Hopper-v4 [--variant dvdf]
 import copy
 import functools
+import glob
 import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,11 +25,18 @@ import tyro
 from minari.storage import get_dataset_path
 from torch.utils.tensorboard import SummaryWriter
 
-DEFAULT_SOURCE = "torso-hard:random,gravity-0.5:expert,legjnt-hard:medium"  # as data_gen.py
+SCRIPT = os.path.basename(__file__)
+SUPPORTED_ENV_IDS = [f"{robot}-{v}" for robot in ("Hopper", "Walker2d", "HalfCheetah", "Ant") for v in ("v4", "v5")]
+DEFAULT_SOURCES = {  # the robot's default source mixture, as data_gen.py
+    "Hopper": "torso-hard:random,gravity-0.5:expert,legjnt-hard:medium",
+    "Walker2d": "torso-hard:random,gravity-0.5:expert,thighjnt-hard:medium",
+    "HalfCheetah": "torso-hard:random,gravity-0.5:expert,thighjnt-hard:medium",
+    "Ant": "gravity-0.1:random,alllegs-hard:expert,hipjnt-medium:medium",
+}
 QUALITIES = ("random", "medium", "expert")
 VARIANT_STAGES = {"v2a": (1, 2, 3, 4), "dvdf": (3, 4), "igdf": (4,), "merged": (), "target": ()}
-PUBLISHED_TRADEOFF = {"v2a": 0.6, "dvdf": 0.7, "igdf": 1.0}  # lambda: method.md sections 7.1 and 8 (igdf: h only)
-REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP, SQL_BATCH = 16, 200, 1e-3, 10.0, 256  # method.md 7.1 (official code)
+PUBLISHED_TRADEOFF = {"v2a": 0.6, "dvdf": 0.7, "igdf": 1.0}  # lambda: docs/specification.md §7.1, §8 (igdf: h only)
+REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP, SQL_BATCH = 16, 200, 1e-3, 10.0, 256  # docs/specification.md §7.1
 
 
 @dataclass
@@ -35,7 +44,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of every stage (the same seed for all of them, method.md section 14 item 12)"""
+    """seed of every stage (the same seed for all of them, docs/specification.md §14 item 12)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
@@ -48,8 +57,9 @@ class Args:
     """the entity (team) of the wandb project"""
     env_id: str = "Hopper-v4"
     """the nominal (target) environment; selects the Minari datasets `v2a/<env-id>/...`"""
-    source: str = DEFAULT_SOURCE
-    """the source mixture, `domain:quality[:weight]` entries (same grammar as data_gen.py)"""
+    source: Optional[str] = None
+    """the source mixture, `domain:quality[:weight]` entries (same grammar as data_gen.py); None: the robot's default
+    (Hopper: torso-hard:random,gravity-0.5:expert,legjnt-hard:medium; see DEFAULT_SOURCES)"""
     source_size: int = 1_000_000
     """total transitions of the source mixture"""
     target_size: int = 100_000
@@ -63,9 +73,9 @@ class Args:
     xi: float = 0.5
     """the kept fraction of each source batch"""
     repr_steps: int = 100_000
-    """TC-ELBO iterations (E-step + M-step each), as the official code; method.md 14.5 suggests 20-30k on a CPU"""
+    """TC-ELBO iterations (E-step + M-step each), as the official code; docs/specification.md §14 item 5: 20-30k on a CPU"""
     sql_steps: int = 100_000
-    """Sparse-Q-Learning steps of the advantage model (method.md section 14 item 4)"""
+    """Sparse-Q-Learning steps of the advantage model (docs/specification.md §14 item 4)"""
     info_steps: int = 7000
     """contrastive pre-training steps of the dynamics score h"""
     total_steps: int = 1_000_000
@@ -106,22 +116,31 @@ def fail(msg: str):
     raise SystemExit(f"v2a_iql.py: error: {msg}")
 
 
+def one_line(e: Exception) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
 def parse_source(spec: str) -> list[tuple[str, str, float]]:
-    """`domain:quality[:weight]` entries -> [(domain, quality, weight)]"""
+    """`domain:quality[:weight]` entries -> [(domain, quality, weight)]; the grammar of data_gen.py (weight: a finite
+    float > 0, as float() reads it)."""
     entries = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
         parts = item.split(":")
-        weight = parts[2] if len(parts) == 3 else "1"
-        if len(parts) not in (2, 3) or parts[1] not in QUALITIES or not weight.replace(".", "", 1).isdigit() \
-                or float(weight) <= 0:
+        if len(parts) not in (2, 3) or parts[1] not in QUALITIES:
             fail(f"malformed source entry {item!r}: expected domain:quality[:weight] with quality in "
-                 f"{'|'.join(QUALITIES)} and a positive weight, e.g. 'gravity-0.5:random,torso-hard:medium:2'")
-        entries.append((parts[0], parts[1], float(weight)))
+                 f"{'|'.join(QUALITIES)}, e.g. 'gravity-0.5:random,torso-hard:medium'")
+        try:
+            weight = float(parts[2]) if len(parts) == 3 else 1.0
+        except ValueError:
+            weight = math.nan
+        if not 0 < weight < math.inf:
+            fail(f"malformed source entry {item!r}: the weight must be a finite number > 0")
+        entries.append((parts[0], parts[1], weight))
     return entries or fail("empty source spec: give at least one domain:quality entry")
 
 
 def size_tag(n: int) -> str:
-    return f"{n // 1000}k" if n >= 10_000 else str(n)  # a label: the exact count is in the dataset
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)  # exact: two sizes never share a dataset id
 
 
 def dataset_ids(env_id: str, source: str, source_size: int, target_size: int) -> tuple[list[str], str]:
@@ -131,6 +150,161 @@ def dataset_ids(env_id: str, source: str, source_size: int, target_size: int) ->
     src = [f"{ns}/source/{d.replace('.', 'p').replace('-', '')}-{q}-{size_tag(int(source_size * w / total))}-v0"
            for d, q, w in entries]
     return src, f"{ns}/target/medium-{size_tag(target_size)}-v0"
+
+
+def expected_generation(args: Args) -> dict[str, dict]:
+    """Dataset id -> the generation record data_gen.py stores in it, as the flags imply it (source ids first, the
+    target last). The data seed is not a flag here: it is recorded in args.json, not compared."""
+    (src_ids, tgt_id), entries = dataset_ids(args.env_id, args.source, args.source_size, args.target_size), \
+        parse_source(args.source)
+    total = sum(w for _, _, w in entries)
+    rec = lambda dom, q, n, mix: dict(env_id=args.env_id, domain=dom, quality=q, transitions=n, mixture=mix)
+    return {**{i: rec(d, q, int(args.source_size * w / total), args.source) for i, (d, q, w) in zip(src_ids, entries)},
+            tgt_id: rec("nominal", "medium", args.target_size, None)}
+
+
+def validate_args(args: Args):
+    """Every flag, checked before anything runs (data generation included); resolves the default --source."""
+    if args.env_id not in SUPPORTED_ENV_IDS:
+        fail(f"unknown --env-id {args.env_id!r}; supported: {', '.join(SUPPORTED_ENV_IDS)}")
+    args.source = DEFAULT_SOURCES[args.env_id.rpartition("-")[0]] if args.source is None else args.source
+    if min(args.source_size, args.target_size) < 1:
+        fail(f"--source-size and --target-size must be > 0, got {args.source_size} and {args.target_size}")
+    for ds_id, rec in expected_generation(args).items():
+        if rec["transitions"] < 1:
+            fail(f"--source-size {args.source_size} leaves no transition for {rec['domain']}:{rec['quality']} "
+                 f"({ds_id}); raise --source-size or that entry's weight")
+    stages, bench, runs = VARIANT_STAGES[args.variant], args.bench > 0, [args.resume, args.reuse_stages]
+    budgets = {1: ("repr-steps", args.repr_steps), 3: ("sql-steps", args.sql_steps), 4: ("info-steps", args.info_steps)}
+    checks = [
+        (not 0 <= args.seed < 2**31, f"--seed must lie in [0, 2^31), got {args.seed}"),
+        (not 0 < args.xi <= 1 or (args.tradeoff is not None and not 0 <= args.tradeoff <= 1),
+         f"--xi must lie in (0, 1] and --tradeoff in [0, 1]; got xi {args.xi}, tradeoff {args.tradeoff}"),
+        (args.tradeoff is not None and args.variant not in ("v2a", "dvdf"),
+         f"--tradeoff applies to the v2a and dvdf variants only, not to {args.variant}"),
+        *[(n <= 0 and not bench, f"--{flag} must be > 0 for the {args.variant} variant, got {n}")
+          for flag, n in [budgets[k] for k in stages if k in budgets] + [("total-steps", args.total_steps)]],
+        *[(n < 0, f"--{flag} must be >= 0, got {n}") for flag, n in budgets.values()],
+        (min(args.eval_freq, args.eval_episodes, args.log_freq, args.batch_size, args.z_dim) <= 0,
+         "--eval-freq, --eval-episodes, --log-freq, --batch-size and --z-dim must be > 0"),
+        (not 0 < args.learning_rate < math.inf, f"--learning-rate must be finite and > 0, got {args.learning_rate}"),
+        (not 0 < args.sql_alpha < math.inf, f"--sql-alpha must be finite and > 0, got {args.sql_alpha}"),
+        (not 0 <= args.gamma <= 1 or not 0 < args.tau <= 1,
+         f"--gamma must lie in [0, 1] and --tau in (0, 1]; got gamma {args.gamma}, tau {args.tau}"),
+        *[(True, msg) for msg in backbone_errors(args)],
+        (args.bench < 0 or (bench and any(runs)), "--bench takes a number >= 0 and excludes --resume/--reuse-stages"),
+        (all(runs), "--resume and --reuse-stages exclude each other"),
+        *[(not os.path.isdir(run), f"{run} is not a run directory") for run in filter(None, runs)],
+    ]
+    for bad, msg in checks:
+        if bad:
+            fail(msg)
+
+
+# ---- Run integrity: --resume and --reuse-stages load only what the current flags would compute ----------------------
+RESUME_FREE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "generate", "log_freq", "resume",
+               "reuse_stages", "bench", "total_steps")  # flags that do not change results (--total-steps may grow)
+
+
+def differences(old, new, prefix: str = "") -> list[str]:
+    """'path old (now new)' for every leaf where two nested dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in dict.fromkeys([*old, *new])
+                for d in differences(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")]
+    short = lambda x: "{...}" if isinstance(x, dict) else x if x == "<absent>" else repr(x)[:80]
+    return [] if old == new else [f"{prefix[:-1]} {short(old)} (now {short(new)})"]
+
+
+def check_resume(args: Args):
+    """--resume: the run must be one of this script's, made with the same flags apart from RESUME_FREE and a larger
+    --total-steps; it loads its stages 1-4 from where it loaded them (its --reuse-stages)."""
+    path = os.path.join(args.resume, "args.json")
+    try:
+        with open(path) as fh:
+            old = json.load(fh)
+    except (OSError, ValueError) as e:
+        fail(f"--resume {args.resume}: cannot read {path} ({one_line(e)}); give a run directory made by {SCRIPT}")
+    script = old.get("script", f"{old.get('exp_name')}.py")
+    if script != SCRIPT:
+        fail(f"--resume {args.resume}: that run was made by {script}; resume it with python {script} --resume ...")
+    diff = [d for k, v in json.loads(json.dumps(vars(args))).items() if k not in RESUME_FREE
+            for d in differences(old.get(k, "<absent>"), v, f"--{k.replace('_', '-')}.")]
+    if args.total_steps < old.get("total_steps", 0):
+        diff.append(f"--total-steps {old['total_steps']} (now {args.total_steps}; it may only grow)")
+    if diff:
+        fail(f"--resume {args.resume} was made with other flags: {', '.join(diff)}; pass that run's flags")
+    args.reuse_stages = old.get("reuse_stages")
+    if args.reuse_stages and not os.path.isdir(args.reuse_stages):
+        fail(f"--resume {args.resume} loads its stages 1-4 from {args.reuse_stages}, which is not a directory any more")
+
+
+def stage_keys(args: Args, records: dict, stages) -> dict:
+    """Stage -> everything that determined its result: stored in its checkpoint, compared when it is loaded. A key
+    holds those of the stages trained before it in the same run (they advance the RNG; stage 2's z feeds stage 3).
+    Keys of stages 1-4 hold nothing script-specific: both scripts share those stages."""
+    src = dict(list(records.items())[:-1])  # the target dataset is the last
+    own = {1: dict(data=src, repr_steps=args.repr_steps, z_dim=args.z_dim, lr=args.learning_rate,
+                   constants=[REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP]),
+           2: {},
+           3: dict(data=src, sql_steps=args.sql_steps, sql_alpha=args.sql_alpha, gamma=args.gamma, tau=args.tau,
+                   lr=args.learning_rate, constants=[SQL_BATCH]),
+           4: dict(data=records, info_steps=args.info_steps, batch_size=args.batch_size, lr=args.learning_rate)}
+    keys, chain = {}, {"seed": args.seed}
+    for k in stages:
+        keys[k] = chain = {**chain, f"stage{k}": own[k]}
+    flags = {k: v for k, v in vars(args).items() if k not in RESUME_FREE}
+    keys[5] = {**chain, "stage5": dict(data=records, script=SCRIPT, flags=flags)}
+    return {k: json.loads(json.dumps(key)) for k, key in keys.items()}  # as stored: lists, not tuples
+
+
+def read_checkpoint(path: str, key: dict, dev: torch.device, hint: str) -> dict:
+    try:
+        ck = torch.load(path, map_location=dev, weights_only=False)
+    except Exception as e:
+        fail(f"{path} cannot be read ({one_line(e)}): it is truncated or corrupt; delete it to train its stage again")
+    if not isinstance(ck, dict) or "key" not in ck:
+        fail(f"{path} holds no stage key (an older version of this script wrote it): train its stage again")
+    if diff := differences(ck["key"], key):
+        fail(f"{path} was trained with other settings: {'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}; {hint}")
+    return ck
+
+
+def load_checkpoints(args: Args, stages, keys: dict, dev: torch.device) -> dict:
+    """Stage -> (path, checkpoint) of what this run continues from, each read and checked against its key before
+    anything is written: stages 1-5 of --resume (stages 1-4 also from the run it reused), stages 1-4 of --reuse-stages
+    (all that the variant needs)."""
+    cks, hints = {}, {args.resume: "pass the flags the run was made with (only --total-steps may grow)",
+                      args.reuse_stages: "reuse a run of the same datasets, seed and stage settings"}
+    for k in (*stages, 5):
+        for folder in (args.resume, args.reuse_stages if k <= 4 else None):
+            if folder and os.path.exists(path := os.path.join(folder, f"stage{k}.pt")):
+                cks[k] = path, read_checkpoint(path, keys[k], dev, hints[folder])
+                break
+    if args.reuse_stages and not args.resume and (absent := [k for k in stages if k not in cks]):
+        fail(f"--reuse-stages {args.reuse_stages} has no stage{absent[0]}.pt, which the {args.variant} variant needs")
+    return cks
+
+
+STAGE_TAGS = ((0, "hyperparameters"), (1, "repr/rec_loss"), (1, "repr/kl"), (2, "repr/domain_probe_acc"),
+              (3, "losses/sql_"), (4, "losses/info_loss"))  # tag prefix -> the stage that logs it; other tags: 5
+
+
+def cut_events(run_dir: str, keep: dict):
+    """--resume: drop from the run's TensorBoard event files what this process logs again (steps after stage 5's
+    checkpoint, every step of a stage that runs again, the hyperparameter text), so each (tag, step) is logged once."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    stage = lambda tag: next((k for k, prefix in STAGE_TAGS if tag.startswith(prefix)), 5)
+    for path in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+        records = list(RawEventFileLoader(path).Load())
+        kept = [r for r, e in ((r, Event.FromString(r)) for r in records)
+                if all(e.step <= keep[stage(v.tag)] for v in e.summary.value)]
+        if len(kept) < len(records):
+            with open(path + ".tmp", "wb") as fh:
+                for r in kept:
+                    RecordWriter(fh).write(r)
+            os.replace(path + ".tmp", path)
 
 
 # ---- Networks -------------------------------------------------------------------------------------------------------
@@ -175,7 +349,7 @@ class TrajectoryEncoder(nn.Module):
         return self.mu(last), self.log_std(last).clamp(-5.0, 2.0)
 
 
-# ---- Losses and filter (method.md 5.1-5.6), small functions so that the tests check them by hand ------------------
+# ---- Losses and filter (docs/specification.md §5.1-§5.6), small functions so that the tests check them by hand ---
 def tc_elbo_losses(decoder, s, a, delta, mask, z, mu, log_std):
     """Eq. 5.1: L_rec = sum_k sum_bt m ||f_k(s, a, z) - (s' - s)||^2 / (sum m * d_s * K), and
     KL(q(z|tau) || N(0, I)) summed over z dims, averaged over trajectories. s, a, delta [B, T, .], mask [B, T]."""
@@ -207,6 +381,17 @@ def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
 def awr_actor_loss(mean: torch.Tensor, a: torch.Tensor, u: torch.Tensor, beta: float) -> torch.Tensor:
     """Eq. 5.6: mean over batch and action dims of min(exp(beta u), 100) (tanh(mu(s)) - a)^2."""
     return (torch.exp(beta * u).clamp(max=100.0)[:, None] * (torch.tanh(mean) - a) ** 2).mean()
+
+
+def backbone_errors(args: Args) -> list[str]:
+    """The backbone's own flags, checked with all others before anything runs."""
+    return [msg for bad, msg in [
+        (not 0 < args.expectile < 1, f"--expectile must lie in (0, 1), got {args.expectile}"),
+        (not 0 <= args.temperature < math.inf, f"--temperature must be finite and >= 0, got {args.temperature}"),
+    ] if bad]
+
+
+STAGE5_TIME = "1M filtered-IQL steps about 2.1 h"  # for --help
 # <<< backbone
 
 
@@ -259,32 +444,85 @@ def flatten(ds, max_len: int = 1000):
     return np.concatenate(rows).astype(np.float32), lens
 
 
+def regenerate_hint(args: Args) -> str:
+    return (f"regenerate it with python data_gen.py --env-id {args.env_id} --source '{args.source}' --source-size "
+            f"{args.source_size} --target-size {args.target_size} --overwrite, or set MINARI_DATASETS_PATH to another "
+            f"folder")
+
+
+def open_dataset(ds_id: str, expected: dict, args: Args):
+    """Loads one dataset and checks its stored generation record against what the flags imply."""
+    try:
+        ds = minari.load_dataset(ds_id)
+        record = json.loads(ds.storage.metadata.get("v2a_generation", "null"))
+    except Exception as e:
+        fail(f"dataset {ds_id} cannot be loaded ({one_line(e)}); {regenerate_hint(args)}")
+    if not isinstance(record, dict):
+        fail(f"dataset {ds_id} has no generation record (data_gen.py did not make it); {regenerate_hint(args)}")
+    if diff := [f"{k} {record.get(k)!r} (the flags imply {v!r})" for k, v in expected.items() if record.get(k) != v]:
+        fail(f"dataset {ds_id} was generated with other arguments: {', '.join(diff)}; {regenerate_hint(args)}")
+    return ds, record
+
+
+def run_data_gen(args: Args, missing: list[str]):
+    """data_gen.py as a child in its own process group, stopped with it when this process ends early (SIGINT, SIGTERM,
+    an error); the child's one-line error becomes this script's."""
+    print(f"datasets missing ({', '.join(missing)}): running data_gen.py", flush=True)
+    cmd = [sys.executable, "data_gen.py", "--env-id", args.env_id, "--source", args.source,
+           "--source-size", str(args.source_size), "--target-size", str(args.target_size)]
+    child = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    def stop(signum, _frame):
+        fail(f"{signal.Signals(signum).name} while data_gen.py was generating the datasets: stopped it, trained nothing")
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        err = child.communicate()[1]
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGINT)  # data_gen.py then removes its staging folder
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+    if child.returncode != 0:
+        errors = [line for line in err.splitlines() if line.startswith("data_gen.py: error: ")]
+        sys.stderr.write("" if errors else err)  # no one-line error: a crash, whose traceback the user needs
+        fail(errors[-1] if errors else f"data_gen.py exited with status {child.returncode}")
+
+
 def load_data(args: Args, device: torch.device) -> dict:
-    """Runs data_gen.py when datasets are missing, checks the spaces, and moves everything to the device once."""
-    src_ids, tgt_id = dataset_ids(args.env_id, args.source, args.source_size, args.target_size)
-    missing = lambda: [i for i in src_ids + [tgt_id] if not os.path.exists(os.path.join(get_dataset_path(i), "data"))]
-    if missing() and not args.generate:
-        fail(f"missing datasets {', '.join(missing())} under {get_dataset_path()} (run data_gen.py, or drop --no-generate)")
-    if missing():
-        print(f"datasets missing ({', '.join(missing())}): running data_gen.py", flush=True)
-        cmd = [sys.executable, "data_gen.py", "--env-id", args.env_id, "--source", args.source,
-               "--source-size", str(args.source_size), "--target-size", str(args.target_size)]
-        if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__))).returncode != 0 or missing():
-            fail(f"data_gen.py did not produce {', '.join(missing()) or 'the datasets'}")
-    tgt_ds = minari.load_dataset(tgt_id)
+    """Checks the datasets the flags name (runs data_gen.py for missing ones), checks the spaces, and moves everything
+    to the device once."""
+    expected = expected_generation(args)
+    (*src_ids, tgt_id), present = list(expected), lambda i: os.path.exists(os.path.join(get_dataset_path(i), "data"))
+    opened = {i: open_dataset(i, expected[i], args) for i in expected if present(i)}  # before any generation
+    if missing := [i for i in expected if i not in opened]:
+        if not args.generate:
+            fail(f"missing datasets {', '.join(missing)} under {get_dataset_path()} (run data_gen.py, or drop --no-generate)")
+        run_data_gen(args, missing)
+        opened.update({i: open_dataset(i, expected[i], args) for i in missing})
+    def read(ds_id):
+        try:
+            ds = opened[ds_id][0]
+            return flatten(ds), list(ds.storage.get_episode_metadata(range(ds.total_episodes)))
+        except Exception as e:
+            fail(f"dataset {ds_id} cannot be read ({one_line(e)}); {regenerate_hint(args)}")
+    tgt_ds = opened[tgt_id][0]
     rows, lens, labels = [], [], []
     for ds_id, (dom, qual, _) in zip(src_ids, parse_source(args.source)):
-        ds = minari.load_dataset(ds_id)
+        ds = opened[ds_id][0]
         if ds.observation_space != tgt_ds.observation_space or ds.action_space != tgt_ds.action_space:
             fail(f"the spaces of {ds_id} ({ds.observation_space}, {ds.action_space}) differ from the target's "
                  f"({tgt_ds.observation_space}, {tgt_ds.action_space})")
-        x, ep_lens = flatten(ds)
+        (x, ep_lens), metas = read(ds_id)
         rows.append(x)
-        for ep_len, meta in zip(ep_lens, ds.storage.get_episode_metadata(range(ds.total_episodes))):
+        for ep_len, meta in zip(ep_lens, metas):
             opts = meta.get("options") or {}  # domain/quality: for diagnostics only, the learner never reads them
             lens += ep_len
             labels += [(opts.get("domain", dom), opts.get("quality", qual))] * len(ep_len)
-    (tgt_x, _), (doms, quals) = flatten(tgt_ds), zip(*labels)
+    ((tgt_x, _), _), (doms, quals) = read(tgt_id), zip(*labels)
     dom_names, qual_names = sorted(set(doms)), sorted(set(quals))
     t = lambda v, dtype=torch.long: torch.as_tensor(np.asarray(v), dtype=dtype, device=device)
     traj_len, src_x = t(lens), np.concatenate(rows)
@@ -293,7 +531,7 @@ def load_data(args: Args, device: torch.device) -> dict:
                 traj_start=torch.cumsum(traj_len, 0) - traj_len,
                 traj_id=torch.repeat_interleave(torch.arange(len(lens), device=device), traj_len),
                 dom=t([dom_names.index(x) for x in doms]), qual=t([qual_names.index(x) for x in quals]),
-                dom_names=dom_names, qual_names=qual_names)
+                dom_names=dom_names, qual_names=qual_names, records={i: opened[i][1] for i in expected})
 
 
 # ---- Loop pieces shared by the stages -----------------------------------------------------------------------------
@@ -379,28 +617,32 @@ def save(obj: dict, path: str):
     os.replace(path + ".tmp", path)  # atomic: an interrupted save leaves the previous checkpoint intact
 
 
+DESCRIPTION = (
+    "V2A cross-domain offline RL with the IQL backbone, end to end in one process: TC-ELBO modality encoder, "
+    "z-relabelling, modality-aware advantage, contrastive dynamics score, value-and-dynamics filter, filtered IQL, "
+    "evaluation in the target env; the baselines dvdf, igdf, merged and target via --variant. Example: python "
+    "v2a_iql.py --env-id Hopper-v4 --variant v2a. Supported env ids: " + ", ".join(SUPPORTED_ENV_IDS) + ". A default "
+    "run first generates its datasets with data_gen.py if they are missing (1M source transitions, 100k target), "
+    "then takes about 8-10 hours on one core of a 2-core CPU (100k TC-ELBO iterations about 5.6 h, " + STAGE5_TIME +
+    "). A reduced budget, about 40 min there: --repr-steps 5000 --sql-steps 30000 --total-steps 100000. Runs go to "
+    "runs/<env>__<script>__<variant>__<seed>__<time>/ (TensorBoard, checkpoints, results.json); docs/v2a_iql.md.")
+
+
 def main(args: Args):
-    # ---- Setup: input checks, seeding, data, run directory, logging -------------------------------------------------
-    torch.set_flush_denormal(True)  # subnormal floats triple the GRU's cost on x86 CPUs (performance.md 6.1)
+    # ---- Setup: every check first (flags, datasets, the checkpoints to load), then the run directory and logging -----
+    torch.set_flush_denormal(True)  # subnormal floats take a slow path on x86 CPUs: they triple the GRU's cost
+    validate_args(args)
+    if args.resume:
+        check_resume(args)
     stages, bench = VARIANT_STAGES[args.variant], args.bench > 0
-    if not 0 < args.xi <= 1 or (args.tradeoff is not None and not 0 <= args.tradeoff <= 1):
-        fail(f"--xi must lie in (0, 1] and --tradeoff in [0, 1]; got xi {args.xi}, tradeoff {args.tradeoff}")
-    if args.tradeoff is not None and args.variant not in ("v2a", "dvdf"):
-        fail(f"--tradeoff applies to the v2a and dvdf variants only, not to {args.variant}")
-    budgets = {1: ("repr-steps", args.repr_steps), 3: ("sql-steps", args.sql_steps), 4: ("info-steps", args.info_steps)}
-    for flag, n in [budgets[k] for k in stages if k in budgets] + [("total-steps", args.total_steps)]:
-        if n <= 0 and not bench:
-            fail(f"--{flag} must be > 0 for the {args.variant} variant, got {n}")
-    if min(args.eval_freq, args.eval_episodes, args.log_freq, args.batch_size) <= 0:
-        fail("--eval-freq, --eval-episodes, --log-freq and --batch-size must be > 0")
-    if (args.resume and args.reuse_stages) or not all(map(os.path.isdir, filter(None, (args.resume, args.reuse_stages)))):
-        fail(f"--resume and --reuse-stages exclude each other and take a run directory ({args.resume or args.reuse_stages})")
     lam = PUBLISHED_TRADEOFF.get(args.variant, 0.0) if args.tradeoff is None else args.tradeoff
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     dev = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cuda and dev.type == "cpu":
+        print("CUDA not available: running on CPU", flush=True)
     adam = functools.partial(torch.optim.Adam, lr=args.learning_rate, fused=True)
 
     d = load_data(args, dev)
@@ -408,27 +650,29 @@ def main(args: Args):
     n_traj, SA, S2 = len(d["traj_len"]), slice(0, ds + da), slice(ds + da + 1, 2 * ds + da + 1)  # row columns
     print(f"data: {Ns} source transitions in {n_traj} trajectories ({', '.join(d['dom_names'])}), {Nt} target "
           f"transitions; device {dev}", flush=True)
+    keys = stage_keys(args, d["records"], stages)
+    cks = {} if bench else load_checkpoints(args, stages, keys, dev)
     run_dir = (args.resume.rstrip("/") if args.resume else tempfile.mkdtemp(prefix="v2a_bench_") if bench
                else f"runs/{args.env_id}__{args.exp_name}__{args.variant}__{args.seed}__{int(time.time())}")
+    if args.resume:  # what this process computes again is logged again: drop it from the event files first
+        cut_events(run_dir, {0: -1, **{k: math.inf if k in cks else -1 for k in (1, 2, 3, 4)},
+                             5: cks[5][1]["step"] if 5 in cks else -1})
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=os.path.basename(run_dir), save_code=True)
     writer = SummaryWriter(run_dir)
-    hparams = {**vars(args), "resolved_tradeoff": lam, "kept_per_step": kept_count(B, args.xi), "device": str(dev)}
+    hparams = {**vars(args), "script": SCRIPT, "resolved_tradeoff": lam, "kept_per_step": kept_count(B, args.xi),
+               "device": str(dev), "datasets": d["records"]}
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hparams.items()))
     with open(os.path.join(run_dir, "args.json"), "w") as fh:
         json.dump(hparams, fh, indent=1)
 
     def checkpoint(k: int) -> Optional[dict]:
-        """Stage k's checkpoint from this run (--resume) or, for k <= 4, from the --reuse-stages run."""
-        for folder in (run_dir, args.reuse_stages if k <= 4 else None):
-            if folder and os.path.exists(path := os.path.join(folder, f"stage{k}.pt")):
-                ck = torch.load(path, map_location=dev, weights_only=False)
-                if k in (3, 5) and ck["variant"] != args.variant:
-                    fail(f"{path} belongs to the {ck['variant']} variant, not to {args.variant}")
-                print(f"[stage {k}] loaded {path}", flush=True)
-                return ck
+        """Stage k's checkpoint from this run (--resume) or, for k <= 4, from the --reuse-stages run (checked above)."""
+        if k in cks:
+            print(f"[stage {k}] loaded {cks[k][0]}", flush=True)
+            return cks[k][1]
 
     # ---- Stage 1: TC-ELBO modality encoder (eq. 5.1). E-step: loss L_rec + beta KL with sampled z, decoder frozen;
     #      M-step: L_rec with the posterior-mean z, encoder frozen. 16 trajectories per iteration, random 200-step crops
@@ -461,7 +705,7 @@ def main(args: Args):
 
         run_stage("stage 1 TC-ELBO", args.repr_steps, repr_step, ["repr/rec_loss", "repr/kl", "repr/rec_loss_mstep"],
                   writer, max(1, args.log_freq // 10))
-        save(dict(encoder=encoder.state_dict(), decoder=decoder.state_dict(), variant=args.variant), f"{run_dir}/stage1.pt")
+        save(dict(encoder=encoder.state_dict(), decoder=decoder.state_dict(), key=keys[1]), f"{run_dir}/stage1.pt")
 
     # ---- Stage 2: relabel each source trajectory with the posterior mean z of the full trajectory (eq. 5.2) ----------
     z_traj = torch.zeros(n_traj, args.z_dim if 2 in stages else 0, device=dev)  # dvdf: 0 dims, Q(s,a,z) = Q(s,a)
@@ -472,7 +716,7 @@ def main(args: Args):
     elif 2 in stages:
         z_traj = relabel(encoder, d)
         if not bench:
-            save(dict(z_traj=z_traj, variant=args.variant), f"{run_dir}/stage2.pt")
+            save(dict(z_traj=z_traj, key=keys[2]), f"{run_dir}/stage2.pt")
             z_diagnostics(z_traj, d, writer, args.seed)
     zs = lambda v, idx: torch.cat([v, z_traj[d["traj_id"][idx]]], 1)  # [v, z] for rows idx: z constant per trajectory
 
@@ -492,7 +736,7 @@ def main(args: Args):
             with torch.no_grad():
                 q_min = sql_qt(zs(x[:, SA], idx)).min(0).values.squeeze(-1)
             v_loss = optimize(v_opt, sql_v_loss(q_min, sql_v(zs(s, idx)).squeeze(-1), args.sql_alpha))
-            with torch.no_grad():  # V(s', z) with the transition's own z (method.md 14 item 13)
+            with torch.no_grad():  # V(s', z) with the transition's own z (docs/specification.md §14 item 13)
                 y = r + args.gamma * (1 - done) * sql_v(zs(s2, idx)).squeeze(-1)
             q_loss = optimize(q_opt, td_loss(sql_q(zs(x[:, SA], idx)).squeeze(-1), y))
             if i % 2 == 0:
@@ -502,7 +746,7 @@ def main(args: Args):
 
         run_stage(f"stage 3 SQL {'Q(s,a,z)' if z_traj.shape[1] else 'Q(s,a)'}", args.sql_steps, sql_step,
                   ["losses/sql_v_loss", "losses/sql_q_loss"], writer, args.log_freq)
-        save(dict(q=sql_q.state_dict(), v=sql_v.state_dict(), variant=args.variant), f"{run_dir}/stage3.pt")
+        save(dict(q=sql_q.state_dict(), v=sql_v.state_dict(), key=keys[3]), f"{run_dir}/stage3.pt")
 
     # ---- Stage 4: contrastive dynamics score (eq. 5.4): binary NCE with target (s,a,s') positives and B-1 source -----
     #      next-state negatives, B x B logits from one matmul, 7000 steps; then h = cos(phi(s,a), psi(s'))
@@ -518,7 +762,7 @@ def main(args: Args):
             return optimize(info_opt, info_nce_loss(phi(x[:, SA]), enc[:B], enc[B:]))[None]
 
         run_stage("stage 4 contrastive h", args.info_steps, info_step, ["losses/info_loss"], writer, args.log_freq)
-        save(dict(phi=phi.state_dict(), psi=psi.state_dict(), variant=args.variant), f"{run_dir}/stage4.pt")
+        save(dict(phi=phi.state_dict(), psi=psi.state_dict(), key=keys[4]), f"{run_dir}/stage4.pt")
     for net in (sql_q, sql_v, phi, psi):  # frozen scorers: no gradient reaches them in stage 5
         net.requires_grad_(False)
 
@@ -565,11 +809,12 @@ def main(args: Args):
             q_min_t = qf_t(x[:, SA]).min(0).values.squeeze(-1)
         u = q_min_t - vf(s).squeeze(-1)
         vf_loss = optimize(vf_opt, expectile_loss(u, args.expectile))
-        with torch.no_grad():  # the Q target uses V after its update (method.md 5.6)
+        with torch.no_grad():  # the Q target uses V after its update (docs/specification.md §5.6)
             y = r + args.gamma * (1 - done) * vf(s2).squeeze(-1)
         qf_loss = optimize(qf_opt, td_loss(qf(x[:, SA]).squeeze(-1), y, w))
         with torch.no_grad():
             torch._foreach_lerp_(list(qf_t.parameters()), list(qf.parameters()), args.tau)
+        # u is from V before its update, as the official V2A code and CORL (Kostrikov et al.'s IQL uses the updated V)
         actor_loss = optimize(actor_opt, awr_actor_loss(actor(s)[:, :da], a, u.detach(), args.temperature))
         scheds[0].step()
         return torch.stack([vf_loss, qf_loss, actor_loss])
@@ -590,11 +835,13 @@ def main(args: Args):
               f"(device {dev}, {torch.get_num_threads()} threads; stages 1-4 untrained)", flush=True)
         return
 
+    diag_gen = torch.Generator(device=dev).manual_seed(args.seed)  # its own RNG: training is the same for any --log-freq
+
     @torch.no_grad()
     def filter_diagnostics(step: int, chunks: int = 16):
         """The filter on `chunks` fresh source batches, off the hot path (frozen scorers: same distribution as the
         training batches): kept-row means, kept fraction per domain and quality, A per domain-quality (Fig. 2(b))."""
-        idx = torch.randint(Ns, (chunks, B), device=dev)
+        idx = torch.randint(Ns, (chunks, B), device=dev, generator=diag_gen)
         h, adv = (v.view(chunks, B) for v in score_source(idx.flatten()))
         f, adv_norm = filter_scores(h, adv, lam)
         keep = select_kept(f, n_keep)
@@ -622,6 +869,7 @@ def main(args: Args):
         for set_state, state in zip(setters, ck["rng"]):
             if state is not None:
                 set_state(state)
+        diag_gen.set_state(ck["diag_rng"])
         start, evals = ck["step"], ck["evals"]
         print(f"[stage 5] resuming from step {start}", flush=True)
     eval_env = d["tgt_ds"].recover_environment(eval_env=True)
@@ -640,7 +888,8 @@ def main(args: Args):
             rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
                    torch.cuda.get_rng_state_all() if dev.type == "cuda" else None)
             save(dict(step=step, **{k: net.state_dict() for k, net in nets.items()}, opts=[o.state_dict() for o in opts],
-                      scheds=[sc.state_dict() for sc in scheds], rng=rng, evals=evals, variant=args.variant),
+                      scheds=[sc.state_dict() for sc in scheds], rng=rng, evals=evals, diag_rng=diag_gen.get_state(),
+                      key=keys[5]),
                  f"{run_dir}/stage5.pt")
 
     name = f"stage 5 IQL {args.variant}" + (f" lambda {lam} xi {args.xi} keep {n_keep}/{B}" if filtered else "")
@@ -655,4 +904,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=DESCRIPTION))

@@ -170,19 +170,44 @@ def test_relabel_full_trajectory_z_constant_within_trajectory():
         assert (z_rows[s0 : s0 + n] == z[i]).all()
 
 
-def test_dataset_ids_and_parse_source_match_data_gen():
+SOURCE_SPECS = ["a-1:expert:2,b:random", "gravity-0.5:random:1.5,torso-hard:medium:0.5", " x:random , y:expert:.5 ",
+                "x:random:1e3", "x:medium:1E-2", "gravity-0.5", "x:good", "x:random:-1", "x:random:0", "x:random:inf",
+                "x:random:nan", "x:random:-inf", "x:random:1e400", "x:random:abc", "x:random:1:2", "", " , "]
+
+
+@pytest.mark.parametrize("spec", SOURCE_SPECS)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_mixture_grammar_and_ids_match_data_gen(script, spec):
+    """One grammar in all three scripts: the same entries, the same ids, or the same one-line error."""
     import data_gen
-    assert v.DEFAULT_SOURCE == data_gen.Args().source
-    src, tgt = v.dataset_ids("Hopper-v4", v.DEFAULT_SOURCE, 1_000_000, 100_000)
-    assert src == ["v2a/hopper-v4/source/torsohard-random-333k-v0", "v2a/hopper-v4/source/gravity0p5-expert-333k-v0",
-                   "v2a/hopper-v4/source/legjnthard-medium-333k-v0"]  # int(1e6 / 3) = 333333, tagged 333k
+    m = SCRIPTS[script]
+    try:
+        expected = data_gen.parse_source(spec)
+    except data_gen.DataGenError as e:
+        with pytest.raises(SystemExit) as err:
+            m.parse_source(spec)
+        assert str(err.value) == f"{script}.py: error: {e}"
+        return
+    assert m.parse_source(spec) == expected
+    for sizes in [(30_000, 5000), (30_500, 1000), (1_000_000, 100_000), (7, 3)]:
+        assert m.dataset_ids("Walker2d-v5", spec, *sizes) == data_gen.dataset_ids("Walker2d-v5", spec, *sizes)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_defaults_and_size_tag_match_data_gen(script):
+    import data_gen
+    m = SCRIPTS[script]
+    assert m.DEFAULT_SOURCES == data_gen.DEFAULT_SOURCES and m.SUPPORTED_ENV_IDS == data_gen.SUPPORTED_ENV_IDS
+    for n in (1, 999, 1000, 5000, 9999, 30_000, 30_500, 333_333, 1_000_000):
+        assert m.size_tag(n) == data_gen.size_tag(n)
+    assert m.size_tag(30_000) == "30k" and m.size_tag(30_500) == "30500"  # exact: no two sizes share an id
+    src, tgt = m.dataset_ids("Hopper-v4", m.DEFAULT_SOURCES["Hopper"], 1_000_000, 100_000)
+    assert src == ["v2a/hopper-v4/source/torsohard-random-333333-v0", "v2a/hopper-v4/source/gravity0p5-expert-333333-v0",
+                   "v2a/hopper-v4/source/legjnthard-medium-333333-v0"]
     assert tgt == "v2a/hopper-v4/target/medium-100k-v0"
-    for spec in ("a-1:expert:2,b:random", "gravity-0.5:random:1.5,torso-hard:medium:0.5"):
-        assert v.dataset_ids("Walker2d-v5", spec, 30_000, 5000) == data_gen.dataset_ids("Walker2d-v5", spec, 30_000, 5000)
-    assert v.parse_source("a-1:expert:2") == [("a-1", "expert", 2.0)]
-    for bad in ("gravity-0.5", "x:good", "x:random:-1", ""):
-        with pytest.raises(SystemExit, match="v2a_iql.py: error"):
-            v.parse_source(bad)
+    args = m.Args(env_id="Ant-v5")
+    m.validate_args(args)  # --source None: the robot's default
+    assert args.source == data_gen.DEFAULT_SOURCES["Ant"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -199,28 +224,57 @@ def test_space_mismatch_is_one_line(script, tiny_data, tmp_path, monkeypatch):
     minari.delete_dataset(bad_id)
     buf = EpisodeBuffer(observations=np.zeros((11, 5)), actions=np.zeros((10, 3)), rewards=np.zeros(10),
                         terminations=np.zeros(10, bool), truncations=np.ones(10, bool))
-    minari.create_dataset_from_buffers(bad_id, [buf], observation_space=gym.spaces.Box(-np.inf, np.inf, (5,)),
-                                       action_space=gym.spaces.Box(-1, 1, (3,)))
+    bad = minari.create_dataset_from_buffers(bad_id, [buf], observation_space=gym.spaces.Box(-np.inf, np.inf, (5,)),
+                                             action_space=gym.spaces.Box(-1, 1, (3,)))
     args = SCRIPTS[script].Args(env_id=tiny_data["env_id"], source=tiny_data["source"],
                                 source_size=tiny_data["source_size"], target_size=tiny_data["target_size"], generate=False)
+    record = dict(SCRIPTS[script].expected_generation(args)[bad_id], seed=0)  # passes the generation check
+    bad.storage.update_metadata({"v2a_generation": json.dumps(record)})
     with pytest.raises(SystemExit, match=rf"{script}.py: error: the spaces of .* differ from the target's"):
         SCRIPTS[script].main(args)
 
 
-# ---- bad input: one clear line, no traceback ----------------------------------------------------------------------
-@pytest.mark.parametrize("overrides,message", [
+# ---- bad input: one clear line, no traceback, before anything runs ------------------------------------------------
+BAD_INPUT = [
     (dict(xi=0.0), "--xi must lie in"), (dict(xi=1.5), "--xi must lie in"), (dict(tradeoff=-0.1), "--tradeoff in"),
-    (dict(repr_steps=0), "--repr-steps must be > 0"), (dict(variant="dvdf", sql_steps=0), "--sql-steps must be > 0"),
+    (dict(xi=math.nan), "--xi must lie in"), (dict(repr_steps=0), "--repr-steps must be > 0"),
+    (dict(variant="dvdf", sql_steps=0), "--sql-steps must be > 0"), (dict(variant="target", info_steps=-1), ">= 0"),
     (dict(variant="igdf", info_steps=0), "--info-steps must be > 0"), (dict(total_steps=0), "--total-steps must be > 0"),
-    (dict(variant="merged", tradeoff=0.5), "--tradeoff applies to"),
-    (dict(generate=False), "missing datasets"),
-])
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_bad_input_is_one_line(script, overrides, message, tmp_path, monkeypatch):
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))  # empty: datasets are missing
+    (dict(variant="merged", tradeoff=0.5), "--tradeoff applies to"), (dict(seed=-1), "--seed must lie in"),
+    (dict(env_id="Hopper-v3"), "unknown --env-id 'Hopper-v3'; supported: Hopper-v4"),
+    (dict(env_id="Humanoid-v4"), "unknown --env-id"), (dict(source="gravity-0.5:expert:inf"), "malformed source entry"),
+    (dict(source="gravity-0.5:expert:nan"), "malformed source entry"), (dict(source="a:random:-1"), "malformed source"),
+    (dict(source="a:random:0"), "malformed source entry"), (dict(source=" , "), "empty source spec"),
+    (dict(source_size=2), "leaves no transition for"), (dict(source="a:random:1,b:expert:1e6"), "leaves no transition"),
+    (dict(target_size=0), "must be > 0"), (dict(source_size=-5), "must be > 0"),
+    (dict(z_dim=0), "--z-dim must be > 0"), (dict(batch_size=0), "--batch-size and --z-dim must be > 0"),
+    (dict(eval_episodes=-1), "must be > 0"), (dict(learning_rate=0.0), "--learning-rate must be finite and > 0"),
+    (dict(learning_rate=math.inf), "--learning-rate"), (dict(sql_alpha=-0.2), "--sql-alpha"),
+    (dict(gamma=1.5), "--gamma must lie in [0, 1]"), (dict(tau=0.0), "--tau in (0, 1]"), (dict(tau=2.0), "--tau"),
+    (dict(bench=-1), "--bench takes a number >= 0"), (dict(bench=5, reuse_stages="."), "excludes --resume"),
+    (dict(resume=".", reuse_stages="."), "exclude each other"), (dict(resume="no/such/run"), "is not a run directory"),
+    (dict(target_size=999, generate=False), "missing datasets"),
+]
+BACKBONE_BAD_INPUT = [
+    ("v2a_iql", dict(expectile=1.0), "--expectile must lie in (0, 1)"), ("v2a_iql", dict(expectile=0.0), "--expectile"),
+    ("v2a_iql", dict(temperature=-1.0), "--temperature must be finite"), ("v2a_iql", dict(temperature=math.inf), "--temp"),
+    ("v2a_td3bc", dict(policy_freq=0), "--policy-freq must be >= 1, got 0"), ("v2a_td3bc", dict(alpha=-1.0), "--alpha"),
+    ("v2a_td3bc", dict(alpha=math.nan), "--alpha"), ("v2a_td3bc", dict(policy_noise=-0.1), "--policy-noise and"),
+    ("v2a_td3bc", dict(noise_clip=-1.0), "--noise-clip must be finite"),
+]
+
+
+@pytest.mark.parametrize("script,overrides,message", [(s, o, m) for s in SCRIPTS for o, m in BAD_INPUT] + BACKBONE_BAD_INPUT)
+def test_bad_input_is_one_line(script, overrides, message, tiny_data, tmp_path, monkeypatch):
+    """Checked before any stage trains: with the datasets present, a bad flag must stop the run before it starts."""
+    monkeypatch.chdir(tmp_path)
+    m = SCRIPTS[script]
+    args = dict(env_id=tiny_data["env_id"], source=tiny_data["source"], source_size=tiny_data["source_size"],
+                target_size=tiny_data["target_size"], repr_steps=1, sql_steps=1, info_steps=1, total_steps=1)
     with pytest.raises(SystemExit) as e:
-        SCRIPTS[script].main(SCRIPTS[script].Args(**overrides))
+        m.main(m.Args(**{**args, **overrides}))
     assert str(e.value).startswith(f"{script}.py: error:") and message in str(e.value) and "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == []  # no run directory
 
 
 def test_non_finite_loss_stops_the_stage():
