@@ -33,12 +33,18 @@ from minari.data_collector.episode_buffer import EpisodeBuffer
 
 @dataclass
 class Args:
+    """Generate V2A's heterogeneous cross-domain datasets with Minari: a source mixture of dynamics-shifted domains,
+    each collected by its own behaviour policy (random, medium or expert), and a medium-quality target dataset of
+    the nominal env, with reference scores. Example: `python data_gen.py --env-id Hopper-v4` (1M source and 100k
+    target transitions, about 4 min on a 2-core CPU; written under $MINARI_DATASETS_PATH, default
+    ~/.minari/datasets). Supported env ids: Hopper, Walker2d, HalfCheetah, Ant, each -v4 or -v5; each robot has a
+    default mixture (DEFAULT_SOURCES). `--train-domain DOMAIN` instead trains the behaviour policies of a domain
+    (SAC, about 45-60 min). Details: docs/data_gen.md."""
+
     env_id: str = "Hopper-v4"
     """the nominal (target) environment: Hopper, Walker2d, HalfCheetah or Ant, version v4 or v5"""
     source: Optional[str] = None
-    """the source mixture: comma-separated `domain:quality[:weight]` entries (quality: random|medium|expert, weight:
-    a finite number > 0, default 1); default: the robot's mixture in DEFAULT_SOURCES (Hopper:
-    torso-hard:random,gravity-0.5:expert,legjnt-hard:medium)"""
+    """comma-separated `domain:quality[:weight]`, quality random|medium|expert, weight finite > 0; None: the robot's default"""
     source_size: int = 1_000_000
     """total transitions of the source mixture, split across entries by weight"""
     target_size: int = 100_000
@@ -55,8 +61,7 @@ class Args:
     """episodes of the expert that measure `ref_max_score` in the target env"""
     # behaviour-policy training (only with --train-domain)
     train_domain: Optional[str] = None
-    """train the medium and expert behaviour policies of this domain (e.g. `nominal`, `torso-hard`) instead of
-    generating data"""
+    """train the medium and expert behaviour policies of this domain (e.g. `nominal`, `torso-hard`), not data"""
     policy_steps: int = 300_000
     """environment steps of the SAC run that trains a behaviour policy"""
     policy_eval_freq: int = 10_000
@@ -293,7 +298,7 @@ def policy_path(args: Args, robot: str, domain: str) -> str:
 
 def train_behaviour_policies(args: Args, robot: str, domain: str):
     """SAC in one domain; every `policy_eval_freq` steps the actor is evaluated and kept. The expert is the best
-    checkpoint, the medium the checkpoint whose return is closest to 40% of the expert's (docs/specification.md §14 item 1),
+    checkpoint, the medium the checkpoint whose return is closest to 40% of the expert's (our choice of "medium"),
     both re-evaluated on 10 fresh episodes before they are saved."""
     env, eval_env = make_domain_env(args.env_id, domain), make_domain_env(args.env_id, domain)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
@@ -567,7 +572,10 @@ def one_line(e: BaseException) -> str:
 
 def collect(env: gym.Env, actor: Optional[Actor], n_transitions: int, seed: int, options: dict):
     """Whole episodes until `n_transitions`; the last episode is cut there (flagged as truncated), so no
-    transition spans two episodes. Actions are sampled from the stochastic policy, as D4RL's were."""
+    transition spans two episodes. Actions are sampled from the stochastic policy, as D4RL's were. The torch RNG
+    (the policy's action noise) is seeded here too, so a dataset's data depend only on `seed` and its policy, not
+    on what ran before (which other datasets existed, how many actors were loaded)."""
+    torch.manual_seed(seed)
     rng, buffers, count, ep, start, next_report = np.random.default_rng(seed), [], 0, 0, time.time(), 0.25
     while count < n_transitions:
         if count >= next_report * n_transitions:
@@ -842,4 +850,4 @@ if __name__ == "__main__":
     except DataGenError as e:
         sys.exit(f"data_gen.py: error: {e}")
     except KeyboardInterrupt:
-        sys.exit("data_gen.py: interrupted (no dataset was left half-written)")
+        sys.exit("data_gen.py: interrupted")

@@ -304,6 +304,23 @@ def test_corrupt_dataset_is_named(tiny_data, tmp_path):
     assert_tiny_datasets(root)
 
 
+def test_regenerated_dataset_is_identical(tiny_data, tmp_path):
+    """A dataset's data depend on the seed and its policy only, not on which other datasets already existed."""
+    root = tmp_path / "datasets"
+    shutil.copytree(tiny_data["minari_path"], root)
+    source_ids, target_id = dg.dataset_ids(TINY["env_id"], TINY["source"], TINY["source_size"], TINY["target_size"])
+    shutil.rmtree(root / source_ids[2])  # legjnt-hard:medium, collected by a SAC policy (sampled actions)
+    assert run_dg(root, *TINY_ARGS).stdout.count("reusing") == 3
+    episodes = []
+    for path in (tiny_data["minari_path"], root):
+        os.environ["MINARI_DATASETS_PATH"] = str(path)
+        episodes.append(list(minari.load_dataset(source_ids[2]).iterate_episodes()))
+    os.environ["MINARI_DATASETS_PATH"] = tiny_data["minari_path"]
+    assert len(episodes[0]) == len(episodes[1])
+    for a, b in zip(*episodes):
+        assert np.array_equal(a.observations, b.observations) and np.array_equal(a.actions, b.actions)
+
+
 def test_unwritable_datasets_path_fails_before_collecting(tmp_path):
     (tmp_path / "afile").write_text("a regular file, so nothing can be created below it\n")
     proc = run_dg(tmp_path / "afile" / "datasets", *TINY_ARGS, check=False)
