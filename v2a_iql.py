@@ -275,13 +275,13 @@ def load_checkpoints(args: Args, stages, keys: dict, dev: torch.device) -> dict:
     (all that the variant needs)."""
     cks, hints = {}, {args.resume: "pass the flags the run was made with (only --total-steps may grow)",
                       args.reuse_stages: "reuse a run of the same datasets, seed and stage settings"}
-    for k in (*stages, 5):
-        for folder in (args.resume, args.reuse_stages if k <= 4 else None):
-            if folder and os.path.exists(path := os.path.join(folder, f"stage{k}.pt")):
-                cks[k] = path, read_checkpoint(path, keys[k], dev, hints[folder])
-                break
-    if args.reuse_stages and not args.resume and (absent := [k for k in stages if k not in cks]):
+    find = lambda folder, k: folder and os.path.exists(os.path.join(folder, f"stage{k}.pt"))
+    if args.reuse_stages and not args.resume and (absent := [k for k in stages if not find(args.reuse_stages, k)]):
         fail(f"--reuse-stages {args.reuse_stages} has no stage{absent[0]}.pt, which the {args.variant} variant needs")
+    for k in (*stages, 5):
+        if folder := next((f for f in (args.resume, args.reuse_stages if k <= 4 else None) if find(f, k)), None):
+            path = os.path.join(folder, f"stage{k}.pt")
+            cks[k] = path, read_checkpoint(path, keys[k], dev, hints[folder])
     return cks
 
 
@@ -470,17 +470,17 @@ def run_data_gen(args: Args, missing: list[str]):
     print(f"datasets missing ({', '.join(missing)}): running data_gen.py", flush=True)
     cmd = [sys.executable, "data_gen.py", "--env-id", args.env_id, "--source", args.source,
            "--source-size", str(args.source_size), "--target-size", str(args.target_size)]
-    child = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
     def stop(signum, _frame):
         fail(f"{signal.Signals(signum).name} while data_gen.py was generating the datasets: stopped it, trained nothing")
-    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers, child = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}, None
     try:
+        child = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)  # its own group: a terminal's Ctrl-C reaches this process only
         err = child.communicate()[1]
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        if child.poll() is None:
+        if child is not None and child.poll() is None:
             os.killpg(child.pid, signal.SIGINT)  # data_gen.py then removes its staging folder
             try:
                 child.wait(10)
