@@ -35,6 +35,7 @@ DEFAULT_SOURCES = {  # the robot's default source mixture, as data_gen.py
     "Ant": "gravity-0.1:random,alllegs-hard:expert,hipjnt-medium:medium",
 }
 QUALITIES = ("random", "medium", "expert")
+MAX_DATASET_TRANSITIONS = 10_000_000  # per dataset, as data_gen.py
 VARIANT_STAGES = {"v2a": (1, 2, 3, 4), "dvdf": (3, 4), "igdf": (4,), "merged": (), "target": ()}
 PUBLISHED_TRADEOFF = {"v2a": 0.6, "dvdf": 0.7, "igdf": 1.0}  # lambda: docs/specification.md §7.1, §8 (igdf: h only)
 REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP, SQL_BATCH = 16, 200, 1e-3, 10.0, 256  # docs/specification.md §7.1
@@ -175,12 +176,11 @@ def validate_args(args: Args):
     if args.env_id not in SUPPORTED_ENV_IDS:
         fail(f"unknown --env-id {args.env_id!r}; supported: {', '.join(SUPPORTED_ENV_IDS)}")
     args.source = DEFAULT_SOURCES[args.env_id.rpartition("-")[0]] if args.source is None else args.source
-    if min(args.source_size, args.target_size) < 1:
-        fail(f"--source-size and --target-size must be > 0, got {args.source_size} and {args.target_size}")
     for ds_id, rec in expected_generation(args).items():
-        if rec["transitions"] < 1:
-            fail(f"--source-size {args.source_size} leaves no transition for {rec['domain']}:{rec['quality']} "
-                 f"({ds_id}); raise --source-size or that entry's weight")
+        if not 1 <= rec["transitions"] <= MAX_DATASET_TRANSITIONS:
+            fail(f"{ds_id} ({rec['domain']}:{rec['quality']}) would get {rec['transitions']:,} transitions; a dataset "
+                 f"holds 1 to {MAX_DATASET_TRANSITIONS:,} (data_gen.py's cap): change --source-size, --target-size or "
+                 f"the weights")
     stages, bench, runs = VARIANT_STAGES[args.variant], args.bench > 0, [args.resume, args.reuse_stages]
     budgets = {1: ("repr-steps", args.repr_steps), 3: ("sql-steps", args.sql_steps), 4: ("info-steps", args.info_steps)}
     checks = [

@@ -198,6 +198,7 @@ def test_defaults_and_size_tag_match_data_gen(script):
     import data_gen
     m = SCRIPTS[script]
     assert m.DEFAULT_SOURCES == data_gen.DEFAULT_SOURCES and m.SUPPORTED_ENV_IDS == data_gen.SUPPORTED_ENV_IDS
+    assert m.MAX_DATASET_TRANSITIONS == data_gen.MAX_DATASET_TRANSITIONS
     for n in (1, 999, 1000, 5000, 9999, 30_000, 30_500, 333_333, 1_000_000):
         assert m.size_tag(n) == data_gen.size_tag(n)
     assert m.size_tag(30_000) == "30k" and m.size_tag(30_500) == "30500"  # exact: no two sizes share an id
@@ -245,8 +246,10 @@ BAD_INPUT = [
     (dict(env_id="Humanoid-v4"), "unknown --env-id"), (dict(source="gravity-0.5:expert:inf"), "malformed source entry"),
     (dict(source="gravity-0.5:expert:nan"), "malformed source entry"), (dict(source="a:random:-1"), "malformed source"),
     (dict(source="a:random:0"), "malformed source entry"), (dict(source=" , "), "empty source spec"),
-    (dict(source_size=2), "leaves no transition for"), (dict(source="a:random:1,b:expert:1e6"), "leaves no transition"),
-    (dict(target_size=0), "must be > 0"), (dict(source_size=-5), "must be > 0"),
+    (dict(source_size=2), "(torso-hard:random) would get 0 transitions; a dataset holds 1 to 10,000,000"),
+    (dict(source="a:random:1,b:expert:1e6"), "(a:random) would get 0 transitions"),
+    (dict(target_size=0), "(nominal:medium) would get 0 transitions"),
+    (dict(source_size=-5), "would get -1 transitions"), (dict(target_size=10**9), "would get 1,000,000,000 transitions"),
     (dict(z_dim=0), "--z-dim must be > 0"), (dict(batch_size=0), "--batch-size and --z-dim must be > 0"),
     (dict(eval_episodes=-1), "must be > 0"), (dict(learning_rate=0.0), "--learning-rate must be finite and > 0"),
     (dict(learning_rate=math.inf), "--learning-rate"), (dict(sql_alpha=-0.2), "--sql-alpha"),
