@@ -75,7 +75,7 @@ class Args:
     xi: float = 0.5
     """the kept fraction of each source batch"""
     repr_steps: int = 100_000
-    """TC-ELBO iterations (E-step + M-step each), as the official code; docs/specification.md §14 item 5: 20-30k on a CPU"""
+    """TC-ELBO iterations (E-step + M-step each), as the official code (docs/specification.md §14 item 5)"""
     sql_steps: int = 100_000
     """Sparse-Q-Learning steps of the advantage model (docs/specification.md §14 item 4)"""
     info_steps: int = 7000
@@ -163,8 +163,8 @@ def dataset_ids(env_id: str, source: str, source_size: int, target_size: int) ->
 def expected_generation(args: Args) -> dict[str, dict]:
     """Dataset id -> the generation record data_gen.py stores in it, as the flags imply it (source ids first, the
     target last). The data seed is not a flag here: it is recorded in args.json, not compared."""
-    (src_ids, tgt_id), entries = dataset_ids(args.env_id, args.source, args.source_size, args.target_size), \
-        parse_source(args.source)
+    src_ids, tgt_id = dataset_ids(args.env_id, args.source, args.source_size, args.target_size)
+    entries = parse_source(args.source)
     total = sum(w for _, _, w in entries)
     rec = lambda dom, q, n, mix: dict(env_id=args.env_id, domain=dom, quality=q, transitions=n, mixture=mix)
     return {**{i: rec(d, q, int(args.source_size * w / total), args.source) for i, (d, q, w) in zip(src_ids, entries)},
