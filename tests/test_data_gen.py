@@ -138,6 +138,7 @@ def validate(**kwargs):
     (dict(source="torso-hard:random:1,gravity-0.5:expert:1e-3", source_size=1000),
      "'gravity-0.5:expert:0.001' would get no transition (int(1000 * 0.001 / 1.001) = 0); the minimum --source-size "
      "for this mixture is 1001"),
+    (dict(source="torso-hard:random:1e308,gravity-0.5:expert:1e308"), "the weights sum to infinity"),
     (dict(target_size=10_000_001), "above the cap of 10,000,000 per dataset"),
     (dict(env_id="Ant-v5", source_size=10 ** 12), "GB on disk"),
     (dict(train_domain="moon-gravity"), "unknown shift 'moon-gravity'"),
