@@ -100,9 +100,11 @@ class Args:
     tau: float = 0.005
     """Polyak rate of the target Q networks"""
     resume: Optional[str] = None
-    """`runs/<name>`: continue that run (finished stages are loaded, stage 5 continues from its checkpoint)"""
+    """`runs/<name>`: continue that run (finished stages are loaded, stage 5 continues from its checkpoint) with the
+    run's own flags; only --total-steps may grow"""
     reuse_stages: Optional[str] = None
-    """`runs/<name>`: load stages 1-4 of that run and train stage 5 afresh (lambda / xi sweeps)"""
+    """`runs/<name>`: load stages 1-4 of that run and train stage 5 afresh (lambda / xi sweeps); the stages must
+    come from the same datasets, seed, variant stages and stage flags (either script)"""
     bench: int = 0
     """time this many stage-5 updates after a warm-up and exit; stages 1-4 are NOT trained (untrained scorers)"""
     # >>> backbone: IQL (Kostrikov et al. 2022) hyperparameters

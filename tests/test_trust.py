@@ -238,7 +238,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_sigterm_during_generation_stops_the_child(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_generation_stops_the_child(sig, tmp_path):
     env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "v2a_iql.py"), "--source-size", "300000",
                              "--target-size", "200000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -250,13 +251,13 @@ def test_sigterm_during_generation_stops_the_child(tmp_path):
             kids = [k for k in children(proc.pid) if "data_gen.py" in open(f"/proc/{k}/cmdline").read()]
         assert kids, f"no data_gen.py child appeared: {proc.communicate()}"
         time.sleep(2)  # the child is busy importing or collecting
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0
-    assert err.strip().splitlines() == [err.strip()] and err.startswith("v2a_iql.py: error: SIGTERM while data_gen.py")
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(f"v2a_iql.py: error: {sig.name} while data_gen.py")
     deadline = time.time() + 20
     while any(map(alive, kids)) and time.time() < deadline:
         time.sleep(0.5)
