@@ -501,7 +501,7 @@ def check_size(robot: str, what: str, n: int):
         raise DataGenError(
             f"{what} would get {n:,} transitions, above the cap of {MAX_DATASET_TRANSITIONS:,} per dataset: it would "
             f"take about {n / COLLECT_RATE / 3600:,.1f} h to collect on a 2-core CPU (~{COLLECT_RATE:,} "
-            f"transitions/s measured) and at least {disk_bytes(robot, n) / 1e9:,.1f} GB on disk (about 6 times that for a "
+            f"transitions/s measured with Hopper) and at least {disk_bytes(robot, n) / 1e9:,.1f} GB on disk (about 6 times that for a "
             f"random policy's short episodes)")
 
 
