@@ -282,7 +282,7 @@ def load_checkpoints(args: Args, stages, keys: dict, dev: torch.device) -> dict:
     """Stage -> (path, checkpoint) of what this run continues from, each read and checked against its key before
     anything is written: stages 1-5 of --resume (stages 1-4 also from the run it reused), stages 1-4 of --reuse-stages
     (all that the variant needs)."""
-    cks, hints = {}, {args.resume: "pass the flags the run was made with (only --total-steps may grow)",
+    cks, hints = {}, {args.resume: "resume with the datasets and flags it was made with (only --total-steps may grow)",
                       args.reuse_stages: "reuse a run of the same datasets, seed and stage settings"}
     find = lambda folder, k: folder and os.path.exists(os.path.join(folder, f"stage{k}.pt"))
     if args.reuse_stages and not args.resume and (absent := [k for k in stages if not find(args.reuse_stages, k)]):
