@@ -501,8 +501,8 @@ def check_size(robot: str, what: str, n: int):
         raise DataGenError(
             f"{what} would get {n:,} transitions, above the cap of {MAX_DATASET_TRANSITIONS:,} per dataset: it would "
             f"take about {n / COLLECT_RATE / 3600:,.1f} h to collect on a 2-core CPU (~{COLLECT_RATE:,} "
-            f"transitions/s measured with Hopper) and at least {disk_bytes(robot, n) / 1e9:,.1f} GB on disk (about 6 times that for a "
-            f"random policy's short episodes)")
+            f"transitions/s measured with Hopper) and at least {disk_bytes(robot, n) / 1e9:,.1f} GB on disk (about 6 "
+            f"times that for a random policy's short episodes)")
 
 
 def validate_args(args: Args, robot: str):
@@ -753,7 +753,7 @@ def plan(args: Args, robot: str, jobs: list, generation) -> list:
         else:
             load_actor(args, robot, domain, quality)
     if missing:
-        raise DataGenError(f"missing behaviour policies: " + "; ".join(f"{p} (train it: {train_command(args, d)})"
+        raise DataGenError("missing behaviour policies: " + "; ".join(f"{p} (train it: {train_command(args, d)})"
                                                                      for p, d in missing)
                            + f"; each takes {POLICY_TRAINING_TIME}, and resumes from its last evaluation if "
                              f"stopped")

@@ -19,8 +19,10 @@ from typing import Literal, Optional
 import minari
 import numpy as np
 import torch
+import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.flop_counter
 import tyro
 from minari.storage import get_dataset_path
 from torch.utils.tensorboard import SummaryWriter
@@ -105,8 +107,12 @@ class Args:
     reuse_stages: Optional[str] = None
     """`runs/<name>`: load stages 1-4 of that run and train stage 5 afresh (lambda / xi sweeps); the stages must
     come from the same datasets, seed, variant stages and stage flags (either script)"""
+    compile: bool = True
+    """compile the stage-5 update with torch.compile (on CUDA also as a CUDA graph); about a minute of cold compile
+    on a CPU, then about twice the eager rate. `--no-compile` runs the eager reference"""
     bench: int = 0
-    """time this many stage-5 updates after a warm-up and exit; stages 1-4 are NOT trained (untrained scorers)"""
+    """time every stage of the variant (warm-up, then this many steps; TC-ELBO N/50 iterations) and exit; nothing is
+    trained to completion or saved"""
     # >>> backbone: IQL (Kostrikov et al. 2022) hyperparameters
     expectile: float = 0.7
     """IQL expectile"""
@@ -205,7 +211,7 @@ def validate_args(args: Args):
 
 # ---- Run integrity: --resume and --reuse-stages load only what the current flags would compute ----------------------
 RESUME_FREE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "generate", "log_freq", "resume",
-               "reuse_stages", "bench", "total_steps")  # flags that do not change results (--total-steps may grow)
+               "reuse_stages", "bench", "compile", "total_steps")  # flags that do not change results (--total-steps may grow)
 
 
 def differences(old, new, prefix: str = "") -> list[str]:
@@ -329,10 +335,19 @@ class EnsembleMLP(nn.Module):
             bias = torch.empty(ensemble, 1, n).uniform_(-bound, bound)
             self.b.append(nn.Parameter(bias.fill_(0.1) if decoder_init and not last else bias))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, in] (shared by all members) or [E, N, in] -> [E, N, out]
-        x = x.expand(self.w[0].shape[0], *x.shape) if x.dim() == 2 else x
+    def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [N, in] (shared by all members) or [E, N, in] -> [E, N, out]. With z [G, dz] (N = G * T), the input is
+        [x, z_g] for T consecutive rows per z_g: z's share of the first layer is computed once per group, not per row
+        (the same function, fewer FLOPs: the TC-ELBO decoder sees one z per 200-step window)."""
+        E = self.w[0].shape[0]
+        x = x.expand(E, *x.shape) if x.dim() == 2 else x
         for i, (w, b) in enumerate(zip(self.w, self.b)):
-            x = torch.baddbmm(b, x, w)
+            if i == 0 and z is not None:
+                nx, G = x.shape[-1], z.shape[0]
+                h = torch.baddbmm(b, x, w[:, :nx]).view(E, G, -1, w.shape[-1])
+                x = (h + torch.matmul(z, w[:, nx:])[:, :, None]).view(E, -1, w.shape[-1])
+            else:
+                x = torch.baddbmm(b, x, w)
             x = F.relu(x) if i < len(self.w) - 1 else x
         return x
 
@@ -356,7 +371,7 @@ def tc_elbo_losses(decoder, s, a, delta, mask, z, mu, log_std):
     """Eq. 5.1: L_rec = sum_k sum_bt m ||f_k(s, a, z) - (s' - s)||^2 / (sum m * d_s * K), and
     KL(q(z|tau) || N(0, I)) summed over z dims, averaged over trajectories. s, a, delta [B, T, .], mask [B, T]."""
     B, T, ds = delta.shape
-    pred = decoder(torch.cat([s, a, z[:, None].expand(B, T, z.shape[-1])], -1).reshape(B * T, -1))  # [K, B*T, ds]
+    pred = decoder(torch.cat([s, a], -1).reshape(B * T, -1), z)  # f_k([s, a, z]) for every k: [K, B*T, ds]
     err = ((pred - delta.reshape(1, B * T, ds)) ** 2).sum(-1) * mask.reshape(1, B * T)
     kl = (-0.5 * (1 + 2 * log_std - mu**2 - (2 * log_std).exp()).sum(-1)).mean()
     return err.sum() / (mask.sum() * ds * pred.shape[0]), kl
@@ -604,14 +619,62 @@ def evaluate(policy, env, episodes: int, seed: int) -> np.ndarray:
     return np.array(returns)
 
 
-def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Optional[list] = None, clip=None) -> torch.Tensor:
-    """zero_grad -> backward into `params` only (all leaves if None) -> optional grad-norm clip -> step."""
-    opt.zero_grad()
+def optimize(opt, loss: torch.Tensor, params: Optional[list] = None, clip=None) -> torch.Tensor:
+    """zero_grad -> backward into `params` only (all leaves if None) -> optional grad-norm clip -> step. `opt` may be
+    a list of optimizers whose losses were summed into `loss` (exact when the losses share no parameter)."""
+    opts = opt if isinstance(opt, list) else [opt]
+    for o in opts:
+        o.zero_grad()
     loss.backward(inputs=params)
     if clip is not None:
         nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
+    for o in opts:
+        o.step()
     return loss.detach()
+
+
+def compiled(fn, args, dev: torch.device):
+    """`fn` (a forward pass to a loss) compiled by torch.compile when --compile: inductor fuses the elementwise work of
+    the forward and, through AOTAutograd, of the backward around the matmuls; the optimizer steps stay eager (fused
+    Adam: one kernel each). On CUDA, mode reduce-overhead replays the forward and the backward as CUDA graphs. Compiled
+    code draws the same random numbers as eager code (fallback_random)."""
+    if not args.compile:
+        return fn
+    torch._inductor.config.fallback_random = True
+    return torch.compile(fn, dynamic=False, mode="reduce-overhead" if dev.type == "cuda" else None)
+
+
+def bench_stage(name: str, step_fn, steps: int, warmup: int = 20, matmul_gflops: float = 0.0):
+    """Print the rate of `step_fn` over a timed window after `warmup` calls (compilation happens there), and the
+    achieved GFLOP/s (FLOPs counted on one eager call by FlopCounterMode) against the measured matmul rate."""
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        out = step_fn(i + 1)
+    out.tolist()  # waits for the device
+    t1 = time.perf_counter()
+    for i in range(steps):
+        out = step_fn(warmup + i + 1)
+    out.tolist()
+    dt = time.perf_counter() - t1
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
+        step_fn(warmup + steps + 1)
+    gflop = counter.get_total_flops() / 1e9
+    roof = f" = {100 * gflop * steps / dt / matmul_gflops:.0f} % of the matmul rate" if matmul_gflops else ""
+    print(f"bench {name}: {steps / dt:.1f} steps/s ({1000 * dt / steps:.2f} ms/step; warm-up {t1 - t0:.1f} s); "
+          f"{gflop:.3f} GFLOP/step, {gflop * steps / dt:.0f} GFLOP/s{roof}", flush=True)
+
+
+def matmul_rate(dev: torch.device, m: int = 192, k: int = 256, n: int = 256, seconds: float = 1.0) -> float:
+    """GFLOP/s of an fp32 [m, k] x [k, n] matmul, the largest shape of the stage-5 update: the roofline reference."""
+    a, b, reps = torch.randn(m, k, device=dev), torch.randn(k, n, device=dev), 0
+    (a @ b).sum().item()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(100):
+            c = a @ b
+        c.sum().item()
+        reps += 100
+    return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
 
 
 def save(obj: dict, path: str):
@@ -648,6 +711,10 @@ def main(args: Args):
     adam = functools.partial(torch.optim.Adam, lr=args.learning_rate, fused=True)
 
     d = load_data(args, dev)
+    mm_rate = matmul_rate(dev) if bench else 0.0
+    if bench:
+        print(f"bench: device {dev}, {torch.get_num_threads()} threads, fp32 192x256x256 matmul {mm_rate:.0f} GFLOP/s; "
+              f"stages are timed on untrained networks", flush=True)
     data, Ns, Nt, ds, da, B = d["data"], d["n_src"], d["n_tgt"], d["ds"], d["da"], args.batch_size
     n_traj, SA, S2 = len(d["traj_len"]), slice(0, ds + da), slice(ds + da + 1, 2 * ds + da + 1)  # row columns
     print(f"data: {Ns} source transitions in {n_traj} trajectories ({', '.join(d['dom_names'])}), {Nt} target "
@@ -683,7 +750,7 @@ def main(args: Args):
     if 1 in stages and (ck := checkpoint(1)) is not None:
         encoder.load_state_dict(ck["encoder"])
         decoder.load_state_dict(ck["decoder"])
-    elif 1 in stages and not bench:
+    elif 1 in stages:
         enc_opt, dec_opt = adam(encoder.parameters()), adam(decoder.parameters())
         def repr_step(i):
             tid = torch.randint(n_traj, (REPR_BATCH,), device=dev)
@@ -705,9 +772,12 @@ def main(args: Args):
             rec_m = optimize(dec_opt, rec_m, list(decoder.parameters()), GRAD_CLIP)
             return torch.stack([rec.detach(), kl.detach(), rec_m])
 
-        run_stage("stage 1 TC-ELBO", args.repr_steps, repr_step, ["repr/rec_loss", "repr/kl", "repr/rec_loss_mstep"],
-                  writer, max(1, args.log_freq // 10))
-        save(dict(encoder=encoder.state_dict(), decoder=decoder.state_dict(), key=keys[1]), f"{run_dir}/stage1.pt")
+        if bench:
+            bench_stage("stage 1 TC-ELBO iterations", repr_step, max(5, args.bench // 50), 5, mm_rate)
+        else:
+            run_stage("stage 1 TC-ELBO", args.repr_steps, repr_step, ["repr/rec_loss", "repr/kl", "repr/rec_loss_mstep"],
+                      writer, max(1, args.log_freq // 10))
+            save(dict(encoder=encoder.state_dict(), decoder=decoder.state_dict(), key=keys[1]), f"{run_dir}/stage1.pt")
 
     # ---- Stage 2: relabel each source trajectory with the posterior mean z of the full trajectory (eq. 5.2) ----------
     z_traj = torch.zeros(n_traj, args.z_dim if 2 in stages else 0, device=dev)  # dvdf: 0 dims, Q(s,a,z) = Q(s,a)
@@ -728,7 +798,7 @@ def main(args: Args):
     if 3 in stages and (ck := checkpoint(3)) is not None:
         sql_q.load_state_dict(ck["q"])
         sql_v.load_state_dict(ck["v"])
-    elif 3 in stages and not bench:
+    elif 3 in stages:
         sql_qt = copy.deepcopy(sql_q).requires_grad_(False)
         q_opt, v_opt = adam(sql_q.parameters()), adam(sql_v.parameters())
         def sql_step(i):
@@ -746,9 +816,12 @@ def main(args: Args):
                     torch._foreach_lerp_(list(sql_qt.parameters()), list(sql_q.parameters()), args.tau)
             return torch.stack([v_loss, q_loss])
 
-        run_stage(f"stage 3 SQL {'Q(s,a,z)' if z_traj.shape[1] else 'Q(s,a)'}", args.sql_steps, sql_step,
-                  ["losses/sql_v_loss", "losses/sql_q_loss"], writer, args.log_freq)
-        save(dict(q=sql_q.state_dict(), v=sql_v.state_dict(), key=keys[3]), f"{run_dir}/stage3.pt")
+        if bench:
+            bench_stage("stage 3 SQL steps", sql_step, args.bench, 100, mm_rate)
+        else:
+            run_stage(f"stage 3 SQL {'Q(s,a,z)' if z_traj.shape[1] else 'Q(s,a)'}", args.sql_steps, sql_step,
+                      ["losses/sql_v_loss", "losses/sql_q_loss"], writer, args.log_freq)
+            save(dict(q=sql_q.state_dict(), v=sql_v.state_dict(), key=keys[3]), f"{run_dir}/stage3.pt")
 
     # ---- Stage 4: contrastive dynamics score (eq. 5.4): binary NCE with target (s,a,s') positives and B-1 source -----
     #      next-state negatives, B x B logits from one matmul, 7000 steps; then h = cos(phi(s,a), psi(s'))
@@ -756,15 +829,18 @@ def main(args: Args):
     if 4 in stages and (ck := checkpoint(4)) is not None:
         phi.load_state_dict(ck["phi"])
         psi.load_state_dict(ck["psi"])
-    elif 4 in stages and not bench:
+    elif 4 in stages:
         info_opt = adam([*phi.parameters(), *psi.parameters()])
         def info_step(i):
             x = data[Ns + torch.randint(Nt, (B,), device=dev)]
             enc = psi(torch.cat([x[:, S2], data[torch.randint(Ns, (B - 1,), device=dev), S2]]))  # one psi pass
             return optimize(info_opt, info_nce_loss(phi(x[:, SA]), enc[:B], enc[B:]))[None]
 
-        run_stage("stage 4 contrastive h", args.info_steps, info_step, ["losses/info_loss"], writer, args.log_freq)
-        save(dict(phi=phi.state_dict(), psi=psi.state_dict(), key=keys[4]), f"{run_dir}/stage4.pt")
+        if bench:
+            bench_stage("stage 4 contrastive steps", info_step, args.bench, 100, mm_rate)
+        else:
+            run_stage("stage 4 contrastive h", args.info_steps, info_step, ["losses/info_loss"], writer, args.log_freq)
+            save(dict(phi=phi.state_dict(), psi=psi.state_dict(), key=keys[4]), f"{run_dir}/stage4.pt")
     for net in (sql_q, sql_v, phi, psi):  # frozen scorers: no gradient reaches them in stage 5
         net.requires_grad_(False)
 
@@ -778,19 +854,27 @@ def main(args: Args):
     # ---- Stage 5a: the filter (eq. 5.5). Keep the top n = max(1, min(B, floor(xi B))) of B source samples by ---------
     #      f = lambda h + (1 - lambda) minmax(A); w = min(exp(h), 100) on kept source rows, 1 on the B target rows
     filtered, n_keep = args.variant in PUBLISHED_TRADEOFF, kept_count(B, args.xi)
+    # The scorers are frozen, so h and A of a source row never change in stage 5: score every source row once (seconds)
+    # and let each step gather its rows' scores. Same numbers as scoring each batch, up to float rounding.
+    h_src = adv_src = torch.zeros(Ns, device=dev)
+    if filtered:
+        t0 = time.time()
+        h_src, adv_src = map(torch.cat, zip(*(score_source(c) for c in torch.arange(Ns, device=dev).split(65536))))
+        print(f"[stage 5] scored {Ns} source rows (h, A) in {time.time() - t0:.1f} s", flush=True)
 
     def sample_batch():
-        """Stage-5 batch D' (row indices: kept source rows, then B target rows) and its Q-loss weights w."""
-        tgt_idx = Ns + torch.randint(Nt, (B,), device=dev)
+        """Row indices of B source and B target samples, drawn on the device (the update filters the source rows)."""
+        return torch.randint(Ns, (B,), device=dev), Ns + torch.randint(Nt, (B,), device=dev)
+
+    def filtered_batch(src_idx: torch.Tensor, tgt_idx: torch.Tensor):
+        """Stage-5 batch D' (rows [s, a, r, s', d]: kept source rows, then the B target rows) and its Q-loss weights w."""
         if args.variant == "target":
-            return tgt_idx, None
+            return data[tgt_idx], None
         if not filtered:  # merged: xi = 1, w = 1, no scorers
-            return torch.cat([torch.randint(Ns, (B,), device=dev), tgt_idx]), None
-        src_idx = torch.randint(Ns, (B,), device=dev)
-        with torch.no_grad():
-            h, adv = score_source(src_idx)
-            keep = select_kept(filter_scores(h, adv, lam)[0], n_keep)
-            return torch.cat([src_idx[keep], tgt_idx]), torch.cat([source_weight(h[keep]), torch.ones_like(h)])
+            return data[torch.cat([src_idx, tgt_idx])], None
+        h, adv = h_src[src_idx], adv_src[src_idx]
+        keep = select_kept(filter_scores(h, adv, lam)[0], n_keep)
+        return data[torch.cat([src_idx[keep], tgt_idx])], torch.cat([source_weight(h[keep]), torch.ones_like(h)])
 
     # >>> backbone: IQL
     # ---- Stage 5b: IQL on D' (eq. 5.6): V (unweighted) -> Q (weighted by w) -> Polyak -> actor (unweighted, -----------
@@ -799,27 +883,37 @@ def main(args: Args):
     actor, qf, vf = mlp(ds, 2 * da).to(dev), EnsembleMLP(2, ds + da, 1).to(dev), mlp(ds, 1).to(dev)
     qf_t = copy.deepcopy(qf).requires_grad_(False)
     nets = dict(actor=actor, qf=qf, qf_target=qf_t, vf=vf)
-    opts = vf_opt, qf_opt, actor_opt = [adam(net.parameters()) for net in (vf, qf, actor)]
+    # the actor's lr is a tensor, so the cosine schedule changes a value, not the compiled code
+    opts = vf_opt, qf_opt, actor_opt = [adam(net.parameters(), lr=torch.tensor(args.learning_rate, device=dev))
+                                        for net in (vf, qf, actor)]
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=args.total_steps)]
     loss_tags = ["losses/vf_loss", "losses/qf_loss", "losses/actor_loss"]
 
-    def train_step(i: int):
-        idx, w = sample_batch()
-        x = data[idx]
-        s, a, r, s2, done = split(x, ds, da)
+    def v_loss(x: torch.Tensor):
         with torch.no_grad():
             q_min_t = qf_t(x[:, SA]).min(0).values.squeeze(-1)
-        u = q_min_t - vf(s).squeeze(-1)
-        vf_loss = optimize(vf_opt, expectile_loss(u, args.expectile))
+        # u uses V before its update, as the official V2A code and CORL do (Kostrikov et al.'s IQL: the updated V)
+        u = q_min_t - vf(x[:, :ds]).squeeze(-1)
+        return expectile_loss(u, args.expectile), u.detach()
+
+    def q_and_actor_losses(x: torch.Tensor, w: Optional[torch.Tensor], u: torch.Tensor):
+        s, a, r, s2, done = split(x, ds, da)
         with torch.no_grad():  # the Q target uses V after its update (docs/specification.md §5.6)
             y = r + args.gamma * (1 - done) * vf(s2).squeeze(-1)
-        qf_loss = optimize(qf_opt, td_loss(qf(x[:, SA]).squeeze(-1), y, w))
+        return td_loss(qf(x[:, SA]).squeeze(-1), y, w), awr_actor_loss(actor(s)[:, :da], a, u, args.temperature)
+
+    v_loss_fn, q_and_actor_losses_fn = compiled(v_loss, args, dev), compiled(q_and_actor_losses, args, dev)
+
+    def train_step(i: int):
+        x, w = filtered_batch(*sample_batch())
+        vf_loss, u = v_loss_fn(x)
+        vf_loss = optimize(vf_opt, vf_loss)
+        qf_loss, actor_loss = q_and_actor_losses_fn(x, w, u)
+        optimize([qf_opt, actor_opt], qf_loss + actor_loss)  # one backward: the two losses share no parameter
         with torch.no_grad():
             torch._foreach_lerp_(list(qf_t.parameters()), list(qf.parameters()), args.tau)
-        # u is from V before its update, as the official V2A code and CORL (Kostrikov et al.'s IQL uses the updated V)
-        actor_loss = optimize(actor_opt, awr_actor_loss(actor(s)[:, :da], a, u.detach(), args.temperature))
         scheds[0].step()
-        return torch.stack([vf_loss, qf_loss, actor_loss])
+        return torch.stack([vf_loss, qf_loss.detach(), actor_loss.detach()])
 
     def eval_policy():  # deterministic tanh(mean) of a CPU copy of the actor
         net = copy.deepcopy(actor).cpu()
@@ -827,14 +921,8 @@ def main(args: Args):
     # <<< backbone
 
     if bench:
-        for i in range(100 + args.bench):
-            losses = train_step(i + 1)
-            if i == 99:  # timing starts after a 100-step warm-up
-                losses.tolist()  # waits for the device
-                t0 = time.time()
-        losses.tolist()
-        print(f"bench [{args.variant}] {args.bench} stage-5 updates: {args.bench / (time.time() - t0):.1f} steps/s "
-              f"(device {dev}, {torch.get_num_threads()} threads; stages 1-4 untrained)", flush=True)
+        bench_stage(f"stage 5 {args.variant} updates ({'compiled' if args.compile else 'eager'})", train_step, args.bench,
+                    100, mm_rate)
         return
 
     diag_gen = torch.Generator(device=dev).manual_seed(args.seed)  # its own RNG: training is the same for any --log-freq
@@ -844,7 +932,7 @@ def main(args: Args):
         """The filter on `chunks` fresh source batches, off the hot path (frozen scorers: same distribution as the
         training batches): kept-row means, kept fraction per domain and quality, A per domain-quality (Fig. 2(b))."""
         idx = torch.randint(Ns, (chunks, B), device=dev, generator=diag_gen)
-        h, adv = (v.view(chunks, B) for v in score_source(idx.flatten()))
+        h, adv = h_src[idx], adv_src[idx]
         f, adv_norm = filter_scores(h, adv, lam)
         keep = select_kept(f, n_keep)
         for tag, v in (("h_mean", h), ("adv_norm_mean", adv_norm), ("weight_mean", source_weight(h))):

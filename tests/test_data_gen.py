@@ -12,9 +12,9 @@ import minari
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY, run_script
 
 import data_gen as dg
-from conftest import ROOT, TINY, run_script
 
 
 def first_divergence(env_id: str, domain: str, steps: int = 300) -> float:

@@ -21,7 +21,7 @@ import v2a_td3bc
 SCRIPTS = {"v2a_iql": v2a_iql, "v2a_td3bc": v2a_td3bc}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--repr-steps", "20", "--sql-steps", "20", "--info-steps", "20", "--total-steps", "100", "--eval-freq", "50",
-        "--eval-episodes", "1", "--log-freq", "50"]
+        "--eval-episodes", "1", "--log-freq", "50", "--no-compile"]
 
 
 def train(script: str, argv: list, cwd) -> str:

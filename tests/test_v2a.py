@@ -19,7 +19,8 @@ SCRIPTS = {"v2a_iql": v, "v2a_td3bc": v2a_td3bc}
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_BUDGETS = ["--repr-steps", "20", "--sql-steps", "20", "--info-steps", "20"]
-TINY_BUDGETS = STAGE_BUDGETS + ["--total-steps", "100", "--eval-freq", "50", "--eval-episodes", "1", "--log-freq", "50"]
+TINY_BUDGETS = STAGE_BUDGETS + ["--total-steps", "100", "--eval-freq", "50", "--eval-episodes", "1", "--log-freq", "50",
+                                "--no-compile"]
 STAGE_FILES = {"v2a": [1, 2, 3, 4, 5], "dvdf": [3, 4, 5], "igdf": [4, 5], "merged": [5], "target": [5]}
 
 
@@ -125,6 +126,20 @@ def test_ensemble_mlp_is_independent_members():
         assert torch.allclose(out[k], h, atol=1e-6)
     dec = v.EnsembleMLP(3, 4, 2, decoder_init=True)
     assert (dec.b[0] == 0.1).all() and dec.w[-1].abs().max() <= 3e-3
+
+
+def test_ensemble_mlp_group_input_equals_concatenation():
+    """forward(x, z) computes z's share of the first layer once per group of T rows: the same function as feeding
+    [x, z] row by row, values and gradients."""
+    torch.manual_seed(0)
+    net, G, T = v.EnsembleMLP(3, 5 + 7, 4, decoder_init=True), 3, 6
+    x, z = torch.randn(G * T, 5), torch.randn(G, 7, requires_grad=True)
+    full = net(torch.cat([x, z.repeat_interleave(T, 0)], -1))
+    grouped = net(x, z)
+    assert torch.allclose(full, grouped, atol=1e-6)
+    g_full = torch.autograd.grad(full.square().sum(), [z, *net.parameters()])
+    g_grouped = torch.autograd.grad(grouped.square().sum(), [z, *net.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_full, g_grouped))
 
 
 # ---- filter --------------------------------------------------------------------------------------------------------
@@ -314,6 +329,19 @@ def v2a_run(request, tiny_data, tmp_path_factory):
 @pytest.mark.parametrize("variant", [k for k in STAGE_FILES if k != "v2a"])
 def test_end_to_end(script, variant, tiny_data, tmp_path):
     check_run(variant, *run_variant(script, tmp_path, tiny_data, variant))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_compiled_update_matches_eager(script, tiny_data, tmp_path):
+    """--compile (the default) and --no-compile train the same stage 5: after 40 filtered updates from one seed the
+    weights agree to float rounding (inductor fuses and reorders elementwise work, nothing else)."""
+    weights = {}
+    for mode in ("--compile", "--no-compile"):  # the flags given last override those of TINY_BUDGETS
+        (tmp_path / mode).mkdir()
+        _, run_dir = run_variant(script, tmp_path / mode, tiny_data, "igdf", "--total-steps", "40", "--eval-freq", "40", mode)
+        weights[mode] = torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)["qf"]
+    for key, w in weights["--compile"].items():
+        assert torch.allclose(w, weights["--no-compile"][key], rtol=1e-3, atol=1e-5), key
 
 
 def test_end_to_end_v2a(v2a_run):
