@@ -107,6 +107,9 @@ class Args:
     reuse_stages: Optional[str] = None
     """`runs/<name>`: load stages 1-4 of that run and train stage 5 afresh (lambda / xi sweeps); the stages must
     come from the same datasets, seed, variant stages and stage flags (either script)"""
+    bf16: bool = False
+    """opt-in: bf16 autocast of the TC-ELBO decoder and of the stage-5 losses (changes the numerics; docs give its
+    measured speed and effect)"""
     compile: bool = True
     """compile the stage-5 update with torch.compile (on CUDA also as a CUDA graph); about a minute of cold compile
     on a CPU, then about twice the eager rate. `--no-compile` runs the eager reference"""
@@ -251,7 +254,7 @@ def stage_keys(args: Args, records: dict, stages) -> dict:
     holds those of the stages trained before it in the same run (they advance the RNG; stage 2's z feeds stage 3).
     Keys of stages 1-4 hold nothing script-specific: both scripts share those stages."""
     src = dict(list(records.items())[:-1])  # the target dataset is the last
-    own = {1: dict(data=src, repr_steps=args.repr_steps, z_dim=args.z_dim, lr=args.learning_rate,
+    own = {1: dict(data=src, repr_steps=args.repr_steps, z_dim=args.z_dim, lr=args.learning_rate, bf16=args.bf16,
                    constants=[REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP]),
            2: {},
            3: dict(data=src, sql_steps=args.sql_steps, sql_alpha=args.sql_alpha, gamma=args.gamma, tau=args.tau,
@@ -335,17 +338,16 @@ class EnsembleMLP(nn.Module):
             bias = torch.empty(ensemble, 1, n).uniform_(-bound, bound)
             self.b.append(nn.Parameter(bias.fill_(0.1) if decoder_init and not last else bias))
 
-    def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [N, in] (shared by all members) or [E, N, in] -> [E, N, out]. With z [G, dz] (N = G * T), the input is
-        [x, z_g] for T consecutive rows per z_g: z's share of the first layer is computed once per group, not per row
-        (the same function, fewer FLOPs: the TC-ELBO decoder sees one z per 200-step window)."""
+    def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None, group: Optional[torch.Tensor] = None):
+        """x [N, in] (shared by all members) or [E, N, in] -> [E, N, out]. With z [G, dz] and group [N], the input of
+        row i is [x_i, z_group[i]]: z's share of the first layer is computed once per z, not per row (the same
+        function, fewer FLOPs: the TC-ELBO decoder sees one z per 200-step window)."""
         E = self.w[0].shape[0]
         x = x.expand(E, *x.shape) if x.dim() == 2 else x
         for i, (w, b) in enumerate(zip(self.w, self.b)):
             if i == 0 and z is not None:
-                nx, G = x.shape[-1], z.shape[0]
-                h = torch.baddbmm(b, x, w[:, :nx]).view(E, G, -1, w.shape[-1])
-                x = (h + torch.matmul(z, w[:, nx:])[:, :, None]).view(E, -1, w.shape[-1])
+                nx = x.shape[-1]
+                x = torch.baddbmm(b, x, w[:, :nx]) + torch.matmul(z, w[:, nx:])[:, group]
             else:
                 x = torch.baddbmm(b, x, w)
             x = F.relu(x) if i < len(self.w) - 1 else x
@@ -361,8 +363,10 @@ class TrajectoryEncoder(nn.Module):
         self.mu, self.log_std = nn.Linear(hidden, z_dim), nn.Linear(hidden, z_dim)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor):  # x [B, T, inp], lengths [B] >= 1
-        out, _ = self.gru(x)
-        last = out.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, out.shape[-1])).squeeze(1)
+        # packed: the GRU runs over the valid steps of each sequence only, not over the padding after them (a GRU is
+        # causal, so the state at the last valid step is the same); h_n is that state
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        last = self.gru(packed)[1][0]
         return self.mu(last), self.log_std(last).clamp(-5.0, 2.0)
 
 
@@ -371,8 +375,10 @@ def tc_elbo_losses(decoder, s, a, delta, mask, z, mu, log_std):
     """Eq. 5.1: L_rec = sum_k sum_bt m ||f_k(s, a, z) - (s' - s)||^2 / (sum m * d_s * K), and
     KL(q(z|tau) || N(0, I)) summed over z dims, averaged over trajectories. s, a, delta [B, T, .], mask [B, T]."""
     B, T, ds = delta.shape
-    pred = decoder(torch.cat([s, a], -1).reshape(B * T, -1), z)  # f_k([s, a, z]) for every k: [K, B*T, ds]
-    err = ((pred - delta.reshape(1, B * T, ds)) ** 2).sum(-1) * mask.reshape(1, B * T)
+    valid = mask.reshape(-1).nonzero().squeeze(1)  # m = 0 rows (padding) add nothing: the decoder skips them
+    sa = torch.cat([s, a], -1).reshape(B * T, -1)[valid]
+    pred = decoder(sa, z, group=valid // T).float()  # f_k([s, a, z]) for every member k: [K, rows, ds]
+    err = ((pred - delta.reshape(B * T, ds)[valid]) ** 2).sum(-1) * mask.reshape(-1)[valid]
     kl = (-0.5 * (1 + 2 * log_std - mu**2 - (2 * log_std).exp()).sum(-1)).mean()
     return err.sum() / (mask.sum() * ds * pred.shape[0]), kl
 
@@ -709,6 +715,7 @@ def main(args: Args):
     if args.cuda and dev.type == "cpu":
         print("CUDA not available: running on CPU", flush=True)
     adam = functools.partial(torch.optim.Adam, lr=args.learning_rate, fused=True)
+    bf16 = functools.partial(torch.autocast, dev.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     d = load_data(args, dev)
     mm_rate = matmul_rate(dev) if bench else 0.0
@@ -764,11 +771,13 @@ def main(args: Args):
             seq = torch.cat([s, a, s2 - s], -1)
             mu, log_std = encoder(seq, lens)
             z = mu + log_std.exp() * torch.randn_like(mu)  # E-step
-            rec, kl = tc_elbo_losses(decoder, s, a, s2 - s, mask, z, mu, log_std)
+            with bf16():
+                rec, kl = tc_elbo_losses(decoder, s, a, s2 - s, mask, z, mu, log_std)
             optimize(enc_opt, rec + KL_BETA * kl, list(encoder.parameters()), GRAD_CLIP)  # decoder frozen
             with torch.no_grad():  # M-step: posterior mean of the updated, frozen encoder
                 mu_m = encoder(seq, lens)[0]
-            rec_m = tc_elbo_losses(decoder, s, a, s2 - s, mask, mu_m, mu_m, log_std.detach())[0]
+            with bf16():
+                rec_m = tc_elbo_losses(decoder, s, a, s2 - s, mask, mu_m, mu_m, log_std.detach())[0]
             rec_m = optimize(dec_opt, rec_m, list(decoder.parameters()), GRAD_CLIP)
             return torch.stack([rec.detach(), kl.detach(), rec_m])
 
@@ -906,9 +915,11 @@ def main(args: Args):
 
     def train_step(i: int):
         x, w = filtered_batch(*sample_batch())
-        vf_loss, u = v_loss_fn(x)
+        with bf16():
+            vf_loss, u = v_loss_fn(x)
         vf_loss = optimize(vf_opt, vf_loss)
-        qf_loss, actor_loss = q_and_actor_losses_fn(x, w, u)
+        with bf16():
+            qf_loss, actor_loss = q_and_actor_losses_fn(x, w, u)
         optimize([qf_opt, actor_opt], qf_loss + actor_loss)  # one backward: the two losses share no parameter
         with torch.no_grad():
             torch._foreach_lerp_(list(qf_t.parameters()), list(qf.parameters()), args.tau)

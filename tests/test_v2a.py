@@ -128,6 +128,20 @@ def test_ensemble_mlp_is_independent_members():
     assert (dec.b[0] == 0.1).all() and dec.w[-1].abs().max() <= 3e-3
 
 
+def test_encoder_reads_the_last_valid_step():
+    """The packed GRU gives, for each padded sequence, the state after its own last valid step: the same as running
+    the sequence alone without padding."""
+    torch.manual_seed(0)
+    enc, lengths = v.TrajectoryEncoder(4, 3, hidden=8), torch.tensor([5, 2, 7])
+    x = torch.randn(3, 7, 4)
+    mu, log_std = enc(x, lengths)
+    for i, n in enumerate(lengths.tolist()):
+        mu_i, log_std_i = enc(x[i : i + 1, :n], lengths[i : i + 1])
+        assert torch.allclose(mu[i], mu_i[0], atol=1e-6) and torch.allclose(log_std[i], log_std_i[0], atol=1e-6)
+        out, _ = enc.gru(x[i : i + 1, :n])  # the unpacked GRU's output at the last step
+        assert torch.allclose(mu[i], enc.mu(out[0, -1]), atol=1e-6)
+
+
 def test_ensemble_mlp_group_input_equals_concatenation():
     """forward(x, z) computes z's share of the first layer once per group of T rows: the same function as feeding
     [x, z] row by row, values and gradients."""
@@ -135,7 +149,7 @@ def test_ensemble_mlp_group_input_equals_concatenation():
     net, G, T = v.EnsembleMLP(3, 5 + 7, 4, decoder_init=True), 3, 6
     x, z = torch.randn(G * T, 5), torch.randn(G, 7, requires_grad=True)
     full = net(torch.cat([x, z.repeat_interleave(T, 0)], -1))
-    grouped = net(x, z)
+    grouped = net(x, z, torch.arange(G).repeat_interleave(T))
     assert torch.allclose(full, grouped, atol=1e-6)
     g_full = torch.autograd.grad(full.square().sum(), [z, *net.parameters()])
     g_grouped = torch.autograd.grad(grouped.square().sum(), [z, *net.parameters()])
@@ -344,6 +358,15 @@ def test_compiled_update_matches_eager(script, tiny_data, tmp_path):
         assert torch.allclose(w, weights["--no-compile"][key], rtol=1e-3, atol=1e-5), key
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the CUDA path is not exercised")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cuda_path(script, tiny_data, tmp_path):
+    """On a CUDA machine: all five stages on the GPU, stage 5 compiled with CUDA graphs (mode reduce-overhead)."""
+    proc, run_dir = run_variant(script, tmp_path, tiny_data, "v2a", "--cuda", "--compile")
+    assert "device cuda" in proc.stdout
+    check_run("v2a", proc, run_dir)
+
+
 def test_end_to_end_v2a(v2a_run):
     check_run("v2a", *v2a_run[2:])
 
@@ -361,7 +384,7 @@ def check_run(variant, proc, run_dir):
 
 def test_resume_and_reuse_stages(v2a_run, tiny_data):
     script, cwd, _, run_dir = v2a_run
-    proc = run(script, cwd, *tiny_data["base_args"], *TINY_BUDGETS[:-8], "--total-steps", "150", "--eval-freq", "50",
+    proc = run(script, cwd, *tiny_data["base_args"], *STAGE_BUDGETS, "--no-compile", "--total-steps", "150", "--eval-freq", "50",
                "--eval-episodes", "1", "--resume", os.path.relpath(run_dir, cwd))
     for k in (1, 2, 3, 4, 5):
         assert f"[stage {k}] loaded" in proc.stdout
