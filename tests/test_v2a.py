@@ -384,8 +384,8 @@ def check_run(variant, proc, run_dir):
 
 def test_resume_and_reuse_stages(v2a_run, tiny_data):
     script, cwd, _, run_dir = v2a_run
-    proc = run(script, cwd, *tiny_data["base_args"], *STAGE_BUDGETS, "--no-compile", "--total-steps", "150", "--eval-freq", "50",
-               "--eval-episodes", "1", "--resume", os.path.relpath(run_dir, cwd))
+    proc = run(script, cwd, *tiny_data["base_args"], *STAGE_BUDGETS, "--no-compile", "--total-steps", "150",
+               "--eval-freq", "50", "--eval-episodes", "1", "--resume", os.path.relpath(run_dir, cwd))
     for k in (1, 2, 3, 4, 5):
         assert f"[stage {k}] loaded" in proc.stdout
     assert "resuming from step 100" in proc.stdout and "[stage 1 TC-ELBO]" not in proc.stdout
