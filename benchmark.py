@@ -1,0 +1,809 @@
+# Sweep runner and results report for the V2A training scripts (docs/benchmark.md).
+#   python benchmark.py run --sweep hopper --variants v2a dvdf igdf merged target --seeds 1 2 3 4 5 -- --total-steps 300000
+#   python benchmark.py report --sweep hopper        # -> docs/results.md, docs/results/*.png
+# A run is one process of a training script with one CPU thread (or one GPU), in its own folder runs/<sweep>/<run name>/;
+# the training script is started there, so its run directory is runs/<sweep>/<run name>/runs/<env>__...__<time>/.
+# Re-launching skips finished runs and continues unfinished ones with the script's --resume. The training scripts do not
+# import ray, rliable or matplotlib; this file imports ray only with --ray-address, and rliable/matplotlib only in report.
+import csv
+import glob
+import itertools
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+import zlib
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import tyro
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VARIANTS = ["v2a", "dvdf", "igdf", "merged", "target"]
+RANKING = ["v2a", "dvdf", "igdf", "merged"]  # the paper's claim, best first
+PAPER_GAIN = {"dvdf": 13.7, "igdf": 21.4}  # the paper's relative improvement of V2A over these baselines, %
+TASK_FLAGS = ("env_id", "target_size", "source", "source_size")  # with the script: what makes a task (not a method)
+DATA_FLAGS = ("env-id", "source", "source-size", "target-size")  # the flags that name the datasets (data_gen.py)
+LOCK_STALE_S = 300  # a run's lock is refreshed every minute while it runs; older than this, its runner died
+
+
+@dataclass
+class Run:
+    """Run a grid of script x variant x seed (x --grid flags) as independent processes; skip finished runs, resume
+    unfinished ones. Flags after `--` go to every run."""
+    sweep: str = "default"
+    """the sweep's name: runs go to runs/<sweep>/, their small exports to results/<sweep>/"""
+    scripts: list[str] = field(default_factory=lambda: ["v2a_iql"])
+    """training scripts: a name next to this file (v2a_iql, v2a_td3bc) or a path"""
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    """values of the scripts' --variant"""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    """values of the scripts' --seed"""
+    grid: list[str] = field(default_factory=list)
+    """more grid axes, `flag=v1,v2` each (flag as the script spells it, without --), e.g. target-size=5000,100000"""
+    workers: int = os.cpu_count() or 1
+    """local pool: runs at the same time (one CPU thread each); with --ray-address local, the CPUs of the local Ray"""
+    ray_address: Optional[str] = None
+    """submit the runs as Ray tasks: `auto` (the cluster this machine belongs to), `local` (start Ray here) or host:port"""
+    gpus_per_run: float = 0.0
+    """Ray only: GPUs of each run's task (0: a CPU task, num_cpus=1)"""
+    data_gen: bool = True
+    """first run data_gen.py once per distinct dataset (it reuses existing ones), so parallel runs never generate the
+    same datasets at once; only for scripts with a data_gen.py next to them"""
+    export: bool = True
+    """after each run, export its small files to results/<sweep>/<run name>/ (see `report`)"""
+    dry_run: bool = False
+    """print each run's state (done / resume / new / running) and command, start nothing"""
+    runs_root: str = "runs"
+    """where sweep folders go"""
+    results_root: str = "results"
+    """where the exports go (committed)"""
+    progress_every: float = 60.0
+    """seconds between progress lines (also printed when a run ends)"""
+
+
+@dataclass
+class Report:
+    """Export runs/<sweep> to results/<sweep> (if runs/<sweep> exists) and regenerate the results page from
+    results/<sweep> alone: tables, statistics (rliable), learning curves and diagnostic figures."""
+    sweep: str = "default"
+    """the sweep's name (or runs/<sweep>, results/<sweep>)"""
+    export: bool = True
+    """refresh results/<sweep> from runs/<sweep> first (when runs/<sweep> exists)"""
+    out: str = "docs/results.md"
+    """the page"""
+    figures: str = "docs/results"
+    """the folder of its PNG figures"""
+    reps: int = 20000
+    """bootstrap replications of the IQM confidence intervals"""
+    poi_reps: int = 2000
+    """bootstrap replications of the probability-of-improvement intervals (a Mann-Whitney test each: slower)"""
+    seed: int = 0
+    """seed of the bootstrap"""
+    runs_root: str = "runs"
+    results_root: str = "results"
+
+
+# ---- The grid --------------------------------------------------------------------------------------------------------
+def script_path(script: str) -> str:
+    path = script if script.endswith(".py") else script + ".py"
+    return os.path.abspath(path if os.path.exists(path) else os.path.join(ROOT, path))
+
+
+def flag_value(argv: list[str], flag: str) -> Optional[str]:
+    """The value of `--flag` (also `--flag_name`, `--flag=value`) in a script's argv, the last one if repeated."""
+    names, value = {"--" + flag, "--" + flag.replace("-", "_")}, None
+    for i, a in enumerate(argv):
+        if a in names and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.split("=", 1)[0] in names and "=" in a:
+            value = a.split("=", 1)[1]
+    return value
+
+
+def absolute_paths(argv: list[str]) -> list[str]:
+    """--reuse-stages DIR made absolute: a run's process starts in its own folder."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a in ("--reuse-stages", "--reuse_stages") and i + 1 < len(out):
+            out[i + 1] = os.path.abspath(out[i + 1])
+        elif a.split("=", 1)[0] in ("--reuse-stages", "--reuse_stages") and "=" in a:
+            out[i] = f"{a.split('=', 1)[0]}={os.path.abspath(a.split('=', 1)[1])}"
+    return out
+
+
+def make_specs(cfg: Run, extra: list[str], launch: str = "") -> list[dict]:
+    """One spec (plain JSON: it travels to Ray workers) per run of the grid."""
+    for a in extra:
+        if a.startswith("--") and a[2:].split("=")[0].replace("_", "-") in ("variant", "seed", "resume"):
+            raise SystemExit(f"benchmark.py: error: {a} after `--`: the runner sets --variant, --seed and --resume")
+    axes = []
+    for g in cfg.grid:
+        flag, _, values = g.partition("=")
+        if not values or flag.startswith("-"):
+            raise SystemExit(f"benchmark.py: error: --grid {g!r}: write flag=v1,v2 (the flag without --)")
+        if flag.replace("_", "-") in ("variant", "seed", "resume"):
+            raise SystemExit(f"benchmark.py: error: --grid {g!r}: use --variants and --seeds (the runner sets --resume)")
+        if flag_value(extra, flag) is not None:
+            raise SystemExit(f"benchmark.py: error: --{flag} is both a grid axis and a flag after `--`")
+        axes.append([(flag, v) for v in values.split(",")])
+    specs = []
+    for script, variant, combo, seed in itertools.product(cfg.scripts, cfg.variants, itertools.product(*axes), cfg.seeds):
+        path = script_path(script)
+        if not os.path.exists(path):
+            raise SystemExit(f"benchmark.py: error: no training script {path}")
+        stem = os.path.basename(path)[:-3]
+        name = "__".join([stem, variant, *([",".join(f"{k}={v}" for k, v in combo)] if combo else []), f"s{seed}"])
+        argv = absolute_paths(["--variant", variant, "--seed", str(seed), *[x for k, v in combo for x in (f"--{k}", v)],
+                               *extra])
+        specs.append(dict(sweep=cfg.sweep, name=name, script=path, variant=variant, seed=seed, grid=dict(combo),
+                          argv=argv, run_dir=os.path.abspath(os.path.join(cfg.runs_root, cfg.sweep, name)),
+                          export_dir=os.path.abspath(os.path.join(cfg.results_root, cfg.sweep, name)) if cfg.export else None,
+                          env={k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ},
+                          launch=launch))
+    if len({s["name"] for s in specs}) < len(specs):
+        raise SystemExit("benchmark.py: error: the grid names some runs twice (repeated values?)")
+    return specs
+
+
+# ---- One run: its state, its process, its record ---------------------------------------------------------------------
+def trainer_dir(run_dir: str) -> Optional[str]:
+    """The training script's own run directory inside the run folder (the newest with args.json)."""
+    dirs = [d for d in glob.glob(os.path.join(run_dir, "runs", "*")) if os.path.exists(os.path.join(d, "args.json"))]
+    return max(dirs, key=os.path.getmtime) if dirs else None
+
+
+def run_state(spec: dict) -> tuple[str, Optional[str]]:
+    """("done" | "resume" | "new" | "running", trainer dir). Done: results.json whose last evaluation reached the
+    requested --total-steps (any, when the flag is not given); resume: a run directory with args.json."""
+    lock = os.path.join(spec["run_dir"], ".lock")
+    if os.path.exists(lock):
+        try:
+            with open(lock) as fh:
+                host, pid = json.load(fh)
+            here = host == socket.gethostname()  # here: the pid of the run's process; elsewhere: the heartbeat's age
+            stale = not pid_alive(pid) if here else time.time() - os.path.getmtime(lock) > LOCK_STALE_S
+        except (OSError, ValueError):
+            stale = True
+        if not stale:
+            return "running", trainer_dir(spec["run_dir"])
+    tdir = trainer_dir(spec["run_dir"])
+    if tdir is None:
+        return "new", None
+    try:
+        with open(os.path.join(tdir, "results.json")) as fh:
+            last_step = json.load(fh)["evals"][-1][0]
+        want = flag_value(spec["argv"], "total-steps")
+        if want is None or last_step >= int(want):
+            return "done", tdir
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    return "resume", tdir
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return dict(host=socket.gethostname(), cpu=cpu, cores=os.cpu_count(), cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+LIVE: dict = {}  # pid -> Popen of the runs in flight in this process (stopped on Ctrl-C / SIGTERM)
+STOPPING = {"local": False}  # the local pool was interrupted: no new run starts (a dict: Ray pickles it with execute)
+
+
+def execute(spec: dict) -> dict:
+    """Run (or continue) one run to its end in its folder and record the attempt; the same code in a local worker
+    thread and in a Ray task. Returns a summary: name, state, rc, seconds, log tail."""
+    state, tdir = run_state(spec)
+    out = dict(name=spec["name"], state=state, rc=0, seconds=0.0, tail="")
+    if state in ("done", "running") or STOPPING["local"]:
+        return out
+    run_dir = spec["run_dir"]
+    os.makedirs(run_dir, exist_ok=True)
+    lock = os.path.join(run_dir, ".lock")
+    with open(lock, "w") as fh:
+        json.dump([socket.gethostname(), os.getpid()], fh)
+    cmd = [sys.executable, spec["script"], *spec["argv"]]
+    if state == "resume":
+        cmd += ["--resume", os.path.relpath(tdir, run_dir)]
+    env = dict(os.environ, **spec["env"], OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    log_path, t0 = os.path.join(run_dir, "train.log"), time.time()
+    try:
+        rc = launch_and_wait(cmd, run_dir, env, log_path, lock, state, t0)
+    finally:
+        os.remove(lock)
+    record_path = os.path.join(run_dir, "benchmark.json")
+    record = read_json(record_path) or dict(spec=spec, attempts=[])
+    record["spec"] = spec
+    record["attempts"].append(dict(start=t0, end=time.time(), rc=rc, state=state, cmd=cmd, machine=machine()))
+    write_json(record_path, record)
+    out.update(rc=rc, seconds=time.time() - t0, tail="" if rc == 0 else tail(log_path))
+    if spec["export_dir"]:
+        try:
+            export_run(run_dir, spec["export_dir"])
+        except Exception as e:  # an export problem must not fail the run: `report` exports again
+            out["tail"] += f"\n(export failed: {type(e).__name__}: {e})"
+    return out
+
+
+def launch_and_wait(cmd: list[str], run_dir: str, env: dict, log_path: str, lock: str, state: str, t0: float) -> int:
+    """The script's process with stdout and stderr appended to train.log; returns its exit status."""
+    with open(log_path, "a") as log:
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {socket.gethostname()} {state}: "
+                  f"{' '.join(map(shlex.quote, cmd))}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        LIVE[proc.pid] = proc
+        with open(lock, "w") as fh:  # the run's own process: a runner killed with -9 leaves it running, and locked
+            json.dump([socket.gethostname(), proc.pid], fh)
+        try:
+            while True:  # heartbeat: the lock's mtime says the run is alive (a dead runner's lock goes stale)
+                try:
+                    rc = proc.wait(timeout=60)
+                    break
+                except subprocess.TimeoutExpired:
+                    os.utime(lock)
+        except BaseException:  # interrupted (a cancelled Ray task): stop the run, it keeps its last checkpoint
+            proc.terminate()
+            proc.wait()
+            raise
+        finally:
+            LIVE.pop(proc.pid, None)
+        log.write(f"=== exit {rc} after {time.time() - t0:.0f} s\n")
+    return rc
+
+
+def tail(path: str, lines: int = 15) -> str:
+    with open(path, errors="replace") as fh:
+        return "".join(fh.readlines()[-lines:])
+
+
+def read_json(path: str):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: str, obj):
+    with open(path + ".tmp", "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ---- The sweep: local pool or Ray --------------------------------------------------------------------------------------
+def prepare_datasets(specs: list[dict]):
+    """data_gen.py once per distinct dataset flags, one after the other (it reuses existing datasets)."""
+    seen = set()
+    for s in specs:
+        data_gen = os.path.join(os.path.dirname(s["script"]), "data_gen.py")
+        args = [x for f in DATA_FLAGS if (v := flag_value(s["argv"], f)) is not None for x in (f"--{f}", v)]
+        if os.path.exists(data_gen) and (data_gen, *args) not in seen:
+            seen.add((data_gen, *args))
+            print(f"[benchmark] datasets: python data_gen.py {' '.join(args)}", flush=True)
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            if subprocess.run([sys.executable, data_gen, *args], cwd=os.path.dirname(data_gen), env=env).returncode:
+                raise SystemExit("benchmark.py: error: data_gen.py failed (above); no run was started")
+
+
+def run_sweep(cfg: Run, extra: list[str], launch: str = "") -> int:
+    specs = make_specs(cfg, extra, launch)
+    states = {s["name"]: run_state(s)[0] for s in specs}
+    todo = [s for s in specs if states[s["name"]] in ("new", "resume")]
+    counts = {k: list(states.values()).count(k) for k in ("done", "running", "resume", "new")}
+    print(f"[benchmark] sweep {cfg.sweep}: {len(specs)} runs: {counts['done']} done, {counts['running']} running elsewhere, "
+          f"{counts['resume']} to resume, {counts['new']} to start", flush=True)
+    if cfg.dry_run:
+        for s in specs:
+            print(f"  {states[s['name']]:8s} {s['name']}: {os.path.basename(s['script'])} {' '.join(s['argv'])}")
+        return 0
+    if cfg.export:  # finished runs exported by an older runner, or by hand
+        for s in specs:
+            if states[s["name"]] == "done" and not os.path.exists(os.path.join(s["export_dir"], "run.json")):
+                export_run(s["run_dir"], s["export_dir"])
+    if not todo:
+        return 0
+    if cfg.data_gen:
+        prepare_datasets(todo)
+    past = [a["end"] - a["start"] for s in specs for a in (read_json(os.path.join(s["run_dir"], "benchmark.json")) or
+                                                             {"attempts": []})["attempts"] if a["rc"] == 0]
+    progress = Progress(len(todo), cfg.workers if not cfg.ray_address else None, past, cfg.progress_every)
+    if cfg.ray_address:
+        results = run_ray(cfg, todo, progress)
+    else:
+        results = run_local(cfg, todo, progress)
+    failed = [r for r in results if r["rc"] != 0]
+    for r in failed:
+        print(f"[benchmark] FAILED {r['name']} (exit {r['rc']}); end of its log:\n{r['tail']}", flush=True)
+    print(f"[benchmark] sweep {cfg.sweep}: {len(results) - len(failed)} runs ended, {len(failed)} failed; "
+          f"`python benchmark.py report --sweep {cfg.sweep}` makes the results page", flush=True)
+    return 1 if failed else 0
+
+
+class Progress:
+    """Progress lines: finished / running / left, and an ETA from the durations of finished runs (also earlier ones)."""
+
+    def __init__(self, total: int, workers: Optional[int], past: list[float], every: float):
+        self.total, self.workers, self.durations, self.every = total, workers, list(past), every
+        self.done, self.failed, self.t = 0, 0, 0.0
+
+    def ended(self, r: dict):
+        self.done += 1
+        self.failed += r["rc"] != 0
+        if r["rc"] == 0 and r["state"] in ("new", "resume"):
+            self.durations.append(r["seconds"])
+        print(f"[benchmark] {'ok' if r['rc'] == 0 else 'FAILED'} {r['name']} ({r['state']}, {duration(r['seconds'])})",
+              flush=True)
+
+    def line(self, running: int, force: bool = False):
+        if not force and time.time() - self.t < self.every:
+            return
+        self.t, left = time.time(), self.total - self.done - running
+        eta = ""
+        if self.durations:  # a run's mean duration x the runs not finished / the runs at a time
+            par = self.workers or max(1, running)
+            eta = f", ETA {duration(np.mean(self.durations) * (left + running / 2) / par)}"
+        print(f"[benchmark] {self.done}/{self.total} finished ({self.failed} failed), {running} running, {left} left{eta}",
+              flush=True)
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h" if seconds < 48 * 3600 else \
+        f"{seconds / 86400:.1f} days"
+
+
+def sigterm_as_interrupt(signum, _frame):
+    raise KeyboardInterrupt
+
+
+def run_local(cfg: Run, todo: list[dict], progress: Progress) -> list[dict]:
+    results = []
+    old = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+    pool = ThreadPoolExecutor(max(1, cfg.workers))
+    try:
+        pending = {pool.submit(execute, s) for s in todo}
+        progress.line(min(len(todo), cfg.workers), force=True)
+        while pending:
+            finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)  # short: signals get through
+            for f in finished:
+                results.append(f.result())
+                progress.ended(results[-1])
+            progress.line(min(len(pending), cfg.workers), force=bool(finished))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the runs in flight (they keep their last checkpoint) and exit
+        STOPPING["local"] = True
+        for p in list(LIVE.values()):  # SIGTERM: a background shell starts its jobs with SIGINT ignored
+            p.send_signal(signal.SIGTERM)
+        print("[benchmark] interrupted: the runs in flight were stopped; launch the same command to continue", flush=True)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    pool.shutdown()
+    return results
+
+
+def run_ray(cfg: Run, todo: list[dict], progress: Progress) -> list[dict]:
+    import ray  # only here: the training scripts and the local pool never need it
+
+    if not ray.is_initialized():
+        if cfg.ray_address == "local":
+            ray.init(num_cpus=cfg.workers)
+        else:
+            ray.init(address=cfg.ray_address)
+    if __name__ != "__main__":  # imported (tests): ship this module's functions by value to the workers
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    task = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_run, max_retries=0)(execute)  # no retry: relaunch resumes
+    refs, results = [task.remote(s) for s in todo], []
+    names = {ref: s["name"] for ref, s in zip(refs, todo)}
+    slots = max(1, int(ray.cluster_resources().get("GPU" if cfg.gpus_per_run else "CPU", 1) /
+                       (cfg.gpus_per_run or 1)))  # runs at a time, for the progress line (the cluster may grow)
+    progress.line(min(len(refs), slots), force=True)
+    old = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+    try:
+        while refs:
+            ready, refs = ray.wait(refs, num_returns=1, timeout=1.0)
+            for r in ready:
+                try:
+                    results.append(ray.get(r))
+                except ray.exceptions.RayError as e:  # the worker died: the run stays resumable
+                    results.append(dict(name=names[r], state="?", rc=-1, seconds=0.0, tail=str(e)[-2000:]))
+                progress.ended(results[-1])
+            progress.line(min(len(refs), slots), force=bool(ready))
+    except KeyboardInterrupt:  # queued runs never start; a run in flight gets its task's KeyboardInterrupt: stopped
+        for r in refs:
+            ray.cancel(r)
+        ray.wait(refs, num_returns=len(refs), timeout=30)
+        print("[benchmark] interrupted: the runs in flight were stopped; launch the same command to continue", flush=True)
+        raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return results
+
+
+# ---- Export: the small files of a run, committed under results/<sweep>/<run name>/ ----------------------------------------
+def export_run(run_dir: str, dest: str, max_points: int = 250):
+    """run.json (the runner's record), args.json, results.json, curves.csv (tag, step, value; every tag thinned to
+    <= max_points steps, evaluations never), z_pca.csv (the 2-D PCA of the z embedding, label columns), adv_hist.csv
+    (the advantage histograms per domain-quality, summed over the steps: the scorers are frozen in stage 5)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tdir = trainer_dir(run_dir)
+    if tdir is None:
+        return
+    os.makedirs(dest, exist_ok=True)
+    record = read_json(os.path.join(run_dir, "benchmark.json")) or {}
+    attempts = record.get("attempts", [])
+    ea = EventAccumulator(tdir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0},  # 0: keep every event
+                          purge_orphaned_data=False).Reload()  # the scripts' --resume already cut what they log again
+    wall = [e.wall_time for tag in ea.Tags()["scalars"] for e in ea.Scalars(tag)]
+    write_json(os.path.join(dest, "run.json"), dict(
+        spec={k: v for k, v in record.get("spec", {}).items() if k not in ("run_dir", "export_dir", "env", "script")},
+        script=os.path.basename(record.get("spec", {}).get("script", "")), trainer_dir=os.path.basename(tdir),
+        attempts=[{k: a[k] for k in ("start", "end", "rc", "state", "machine")} for a in attempts],
+        wall_s=sum(a["end"] - a["start"] for a in attempts) if attempts else (max(wall) - min(wall) if wall else None)))
+    for f in ("args.json", "results.json"):
+        if os.path.exists(os.path.join(tdir, f)):
+            write_json(os.path.join(dest, f), read_json(os.path.join(tdir, f)))
+    with open(os.path.join(dest, "curves.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["tag", "step", "value"])
+        for tag in sorted(ea.Tags()["scalars"]):
+            pts = sorted({e.step: e.value for e in ea.Scalars(tag)}.items())  # one value per step (the last)
+            if len(pts) > max_points and not tag.startswith("eval/"):
+                pts = [pts[i] for i in sorted(set(np.linspace(0, len(pts) - 1, max_points).round().astype(int)))]
+            w.writerows([tag, s, f"{v:.6g}"] for s, v in pts)
+    hists = [t for t in ea.Tags()["histograms"] if t.startswith("filter/adv/")]
+    if hists:
+        with open(os.path.join(dest, "adv_hist.csv"), "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["group", "right_edge", "count"])
+            for tag in sorted(hists):
+                counts: dict = {}
+                for e in ea.Histograms(tag):
+                    h = e.histogram_value
+                    for lim, c in zip(h.bucket_limit, h.bucket):
+                        counts[lim] = counts.get(lim, 0.0) + c
+                w.writerows([tag.split("/", 2)[2], f"{lim:.6g}", f"{c:g}"] for lim, c in sorted(counts.items()))
+    emb = sorted(glob.glob(os.path.join(tdir, "*", "z", "tensors.tsv")))
+    if emb:
+        z = np.loadtxt(emb[-1], delimiter="\t", ndmin=2)
+        with open(os.path.join(os.path.dirname(emb[-1]), "metadata.tsv")) as fh:
+            labels = [line.rstrip("\n").split("/", 1) for line in fh if line.strip()]
+        zc = z - z.mean(0)
+        _, sv, vt = np.linalg.svd(zc, full_matrices=False)  # PCA: the top-2 right singular vectors
+        pcs, var = zc @ vt[:2].T, sv**2 / max(1e-12, (sv**2).sum())
+        with open(os.path.join(dest, "z_pca.csv"), "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["pc1", "pc2", "domain", "quality", f"var1={var[0]:.4f}", f"var2={var[1] if len(var) > 1 else 0:.4f}"])
+            w.writerows([f"{a:.5g}", f"{b:.5g}", *lab] for (a, b), lab in zip(pcs, labels))
+
+
+# ---- Report ------------------------------------------------------------------------------------------------------------
+def load_runs(folder: str) -> list[dict]:
+    """Exported runs: dicts with the task, the method, finished or not, the final score, the curves and the record."""
+    runs = []
+    for d in sorted(glob.glob(os.path.join(folder, "*", "run.json"))):
+        d = os.path.dirname(d)
+        rec, args, res = (read_json(os.path.join(d, f)) for f in ("run.json", "args.json", "results.json"))
+        if not args:
+            continue
+        script = args.get("script") or rec.get("script") or "?"
+        grid = rec.get("spec", {}).get("grid", {})
+        task = (script.removesuffix(".py"), args.get("env_id"), args.get("target_size"), args.get("source"),
+                args.get("source_size"))
+        extra = [f"{k}={v}" for k, v in grid.items() if k.replace("-", "_") not in TASK_FLAGS]
+        finished = bool(res and res.get("evals") and res["evals"][-1][0] >= args.get("total_steps", 0))
+        curves: dict = {}
+        if os.path.exists(os.path.join(d, "curves.csv")):
+            with open(os.path.join(d, "curves.csv")) as fh:
+                for row in csv.DictReader(fh):
+                    curves.setdefault(row["tag"], []).append((int(row["step"]), float(row["value"])))
+        runs.append(dict(dir=d, name=os.path.basename(d), task=task, variant=args.get("variant"), seed=args.get("seed"),
+                         method=" ".join([args.get("variant", "?"), *extra]), args=args, rec=rec,
+                         finished=finished, score=res["final_normalized_score"] if finished else None, curves=curves))
+    return runs
+
+
+def task_label(task) -> str:
+    script, env, tsize, source, ssize = task
+    return f"{env}, {script.replace('v2a_', '').upper()}, target {tsize:,}" + (f", source {source}" if source else "")
+
+
+def task_slug(task) -> str:
+    script, env, tsize, source, ssize = task
+    return f"{env}_{script.replace('v2a_', '')}_t{tsize}" + (f"_{zlib.crc32(source.encode()) % 10**6}" if source else "")
+
+
+def method_order(m: str) -> tuple:
+    v = m.split(" ")[0]
+    return (VARIANTS.index(v) if v in VARIANTS else len(VARIANTS), m)
+
+
+def task_stats(runs: list[dict], reps: int, poi_reps: int, seed: int) -> dict:
+    """Per method: n, mean, standard error, IQM with its 95 % stratified-bootstrap CI (rliable); per (v2a method,
+    other method): probability of improvement with its CI."""
+    from rliable import library, metrics
+    warnings.filterwarnings("ignore", category=FutureWarning, module="arch")  # rliable 1.2 passes arch's random_state
+
+    scores = {}
+    for r in runs:
+        if r["finished"]:
+            scores.setdefault(r["method"], []).append(r["score"])
+    out = {"methods": {}, "poi": {}}
+    rs = np.random.RandomState(seed)
+    for m, s in sorted(scores.items(), key=lambda kv: method_order(kv[0])):
+        x = np.asarray(s, float)
+        iqm, ci = library.get_interval_estimates({m: x[:, None]}, lambda v: np.array([metrics.aggregate_iqm(v)]),
+                                                 reps=reps, random_state=rs)
+        out["methods"][m] = dict(n=len(x), mean=float(x.mean()), se=float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1
+                                 else float("nan"), iqm=float(iqm[m][0]), iqm_ci=[float(ci[m][0][0]), float(ci[m][1][0])],
+                                 scores=x.tolist())
+    for a in [m for m in out["methods"] if m.split(" ")[0] == "v2a"]:
+        for b in [m for m in out["methods"] if m.split(" ")[0] != "v2a"]:
+            x, y = (np.asarray(scores[k], float)[:, None] for k in (a, b))
+            p, ci = library.get_interval_estimates({"p": (x, y)}, metrics.probability_of_improvement, reps=poi_reps,
+                                                   random_state=rs)
+            out["poi"][(a, b)] = dict(p=float(np.squeeze(p["p"])), ci=[float(np.squeeze(ci["p"][0])),
+                                                                      float(np.squeeze(ci["p"][1]))])
+    return out
+
+
+def ranking_lines(stats: dict) -> list[str]:
+    """Whether v2a > dvdf > igdf > merged holds, pair by pair, by the IQM and its 95 % CIs (per group of grid flags)."""
+    lines, ms = [], stats["methods"]
+    for suffix in sorted({m.partition(" ")[2] for m in ms}):
+        names = [" ".join(filter(None, [v, suffix])) for v in RANKING]
+        pairs = [(a, b) for a, b in zip(names, names[1:])]
+        for a, b in pairs:
+            if a not in ms or b not in ms:
+                lines.append(f"- `{a}` > `{b}`: not testable yet (a method has no finished run)")
+                continue
+            (la, ha), (lb, hb) = ms[a]["iqm_ci"], ms[b]["iqm_ci"]
+            verdict = ("**holds beyond the CIs** (disjoint)" if la > hb else "**reversed beyond the CIs**" if ha < lb else
+                       "holds for the IQM only; the CIs overlap" if ms[a]["iqm"] > ms[b]["iqm"] else
+                       "does not hold for the IQM; the CIs overlap")
+            lines.append(f"- `{a}` > `{b}`: {verdict} (IQM {ms[a]['iqm']:.1f} [{la:.1f}, {ha:.1f}] vs "
+                         f"{ms[b]['iqm']:.1f} [{lb:.1f}, {hb:.1f}])")
+        for b, paper in PAPER_GAIN.items():
+            a, bb = names[0], " ".join(filter(None, [b, suffix]))
+            if a in ms and bb in ms and ms[bb]["mean"]:
+                gain = 100 * (ms[a]["mean"] - ms[bb]["mean"]) / abs(ms[bb]["mean"])
+                lines.append(f"- mean of `{a}` relative to `{bb}`: {gain:+.1f} % (paper: +{paper} %)")
+    return lines
+
+
+def mean_ci(values: np.ndarray, rs: np.random.RandomState, reps: int = 2000):
+    """Mean over seeds and its 95 % percentile-bootstrap CI (columns: steps)."""
+    boots = values[rs.randint(len(values), size=(reps, len(values)))].mean(1)
+    return values.mean(0), np.percentile(boots, 2.5, axis=0), np.percentile(boots, 97.5, axis=0)
+
+
+def plot_curves(tasks: dict, path: str, seed: int):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = np.random.RandomState(seed)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, (task, runs) in zip(axes[0], tasks.items()):
+        for m in sorted({r["method"] for r in runs}, key=method_order):
+            curves = [dict(r["curves"].get("eval/normalized_score", [])) for r in runs if r["method"] == m]
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if not steps:
+                continue
+            v = np.array([[c[s] for s in steps] for c in curves])
+            mu, lo, hi = mean_ci(v, rs)
+            ax.plot(steps, mu, label=f"{m} (n={len(v)})")
+            ax.fill_between(steps, lo, hi, alpha=0.2)
+        ax.set_title(task_label(task).replace(", source ", "\nsource "), fontsize=9)
+        ax.set(xlabel="stage-5 gradient steps", ylabel="normalized score")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
+    """The z embedding (v2a), the advantage per domain x quality (v2a, dvdf), the kept fractions (filtered variants);
+    from the lowest seed of each variant for the first two, the mean over seeds for the third."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made, slug = [], task_slug(task)
+    first = {}
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        first.setdefault(r["method"], r)
+    v2a = [r for m, r in first.items() if m.split(" ")[0] == "v2a" and os.path.exists(os.path.join(r["dir"], "z_pca.csv"))]
+    if v2a:
+        r = v2a[0]
+        with open(os.path.join(r["dir"], "z_pca.csv")) as fh:
+            rows = list(csv.reader(fh))
+        head, rows = rows[0], rows[1:]
+        xy = np.array([[float(a), float(b)] for a, b, *_ in rows])
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for ax, col, what in zip(axes, (2, 3), ("domain", "quality")):
+            for lab in sorted({row[col] for row in rows}):
+                sel = np.array([row[col] == lab for row in rows])
+                ax.scatter(xy[sel, 0], xy[sel, 1], s=4, alpha=0.6, label=lab)
+            var = [float(h.split("=")[1]) for h in head[4:6]]
+            ax.set(title=f"z of source trajectories by {what} ({r['method']}, seed {r['seed']})",
+                   xlabel=f"PC1 ({100 * var[0]:.0f} % of the variance)", ylabel=f"PC2 ({100 * var[1]:.0f} %)")
+            ax.legend(fontsize=8, markerscale=3)
+        fig.tight_layout()
+        made.append(f"z_{slug}.png")
+        fig.savefig(os.path.join(folder, made[-1]), dpi=110)
+        plt.close(fig)
+    adv = [r for m, r in first.items()
+           if m.split(" ")[0] in ("v2a", "dvdf") and os.path.exists(os.path.join(r["dir"], "adv_hist.csv"))]
+    if adv:
+        fig, axes = plt.subplots(1, len(adv), figsize=(5.5 * len(adv), 4), squeeze=False)
+        for ax, r in zip(axes[0], sorted(adv, key=lambda r: method_order(r["method"]))):
+            groups: dict = {}
+            with open(os.path.join(r["dir"], "adv_hist.csv")) as fh:
+                for row in csv.DictReader(fh):
+                    groups.setdefault(row["group"], []).append((float(row["right_edge"]), float(row["count"])))
+            for g, pts in sorted(groups.items()):
+                edges, counts = np.array(pts).T  # right bucket edges: widths from the previous edge
+                widths = np.diff(edges, prepend=2 * edges[0] - edges[1]) if len(edges) > 1 else np.ones(1)
+                ax.step(edges, counts / counts.sum() / widths, where="pre", label=g)
+            ax.set(title=f"advantage A per domain-quality ({r['method']}, seed {r['seed']})", xlabel="A", ylabel="density")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        made.append(f"adv_{slug}.png")
+        fig.savefig(os.path.join(folder, made[-1]), dpi=110)
+        plt.close(fig)
+    kept = sorted({r["method"] for r in runs if any(t.startswith("filter/kept_frac/") for t in r["curves"])}, key=method_order)
+    if kept:
+        fig, axes = plt.subplots(len(kept), 2, figsize=(11, 3.2 * len(kept)), squeeze=False)
+        for row_axes, m in zip(axes, kept):
+            rr = [r for r in runs if r["method"] == m]
+            tags = sorted({t for r in rr for t in r["curves"] if t.startswith("filter/kept_frac/")})
+            for tag in tags:
+                name = tag.rsplit("/", 1)[1]
+                ax = row_axes[1] if name in ("random", "medium", "expert") else row_axes[0]
+                curves = [dict(r["curves"][tag]) for r in rr if tag in r["curves"]]
+                steps = sorted(set.intersection(*(set(c) for c in curves)))
+                if steps:
+                    ax.plot(steps, np.mean([[c[s] for s in steps] for c in curves], 0), label=name)
+            for ax, what in zip(row_axes, ("domain", "quality")):
+                ax.set(title=f"{m}: kept fraction per {what} (mean of {len(rr)} seeds)", xlabel="stage-5 steps",
+                       ylabel="kept fraction", ylim=(0, 1))
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        made.append(f"kept_{slug}.png")
+        fig.savefig(os.path.join(folder, made[-1]), dpi=110)
+        plt.close(fig)
+    return made
+
+
+def fmt(x: float, nd: int = 1) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
+
+
+def report(cfg: Report) -> dict:
+    sweep = os.path.basename(cfg.sweep.rstrip("/"))
+    runs_dir, res_dir = os.path.join(cfg.runs_root, sweep), os.path.join(cfg.results_root, sweep)
+    if cfg.export and os.path.isdir(runs_dir):
+        for d in sorted(glob.glob(os.path.join(runs_dir, "*", ""))):
+            export_run(d, os.path.join(res_dir, os.path.basename(d.rstrip("/"))))
+    runs = load_runs(res_dir)
+    os.makedirs(cfg.figures, exist_ok=True)
+    tasks: dict = {}
+    for r in runs:
+        tasks.setdefault(r["task"], []).append(r)
+    fig_rel = os.path.relpath(cfg.figures, os.path.dirname(os.path.abspath(cfg.out)))
+    L = [f"# Results: sweep `{sweep}`", "",
+         f"Generated by `python benchmark.py report --sweep {sweep}` from the exported runs in `{res_dir}/` "
+         "(args.json, results.json, curves.csv of every run); do not edit by hand, regenerate. "
+         "Score: the normalized score of the **last** evaluation (not the best), 100 · (return − ref_min) / "
+         "(ref_max − ref_min) with reference returns measured in our own target envs (not comparable with D4RL). "
+         f"IQM: interquartile mean; CIs: 95 % stratified-bootstrap percentile intervals ({cfg.reps} replications for the IQM, "
+         f"{cfg.poi_reps} for P(V2A > X); rliable); "
+         "P(V2A > X): probability that a V2A run beats an X run (Mann-Whitney, rliable's probability_of_improvement).", ""]
+    stats_all = {}
+    if not runs:
+        L += [f"**No runs exported yet** under `{res_dir}/`. Start the sweep (docs/benchmark.md), then regenerate.", ""]
+    if tasks:
+        plot_curves(tasks, os.path.join(cfg.figures, f"curves_{sweep}.png"), cfg.seed)
+    for task, truns in sorted(tasks.items(), key=lambda kv: str(kv[0])):
+        st = stats_all[task] = task_stats(truns, cfg.reps, cfg.poi_reps, cfg.seed)
+        L += [f"## {task_label(task)}", "", "| method | seeds finished | unfinished | mean ± s.e. | IQM [95 % CI] | "
+              "P(V2A > method) [95 % CI] | seeds |", "|---|---|---|---|---|---|---|"]
+        for m in sorted({r["method"] for r in truns}, key=method_order):
+            s = st["methods"].get(m)
+            unf = sum(1 for r in truns if r["method"] == m and not r["finished"])
+            seeds = sorted(r["seed"] for r in truns if r["method"] == m and r["finished"])
+            pois = [f"{p['p']:.2f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}]" + (f" ({a})" if len(st["poi"]) > 1 and
+                    len({k[0] for k in st["poi"]}) > 1 else "") for (a, b), p in st["poi"].items() if b == m]
+            if s:
+                L.append(f"| {m} | {s['n']} | {unf} | {fmt(s['mean'])} ± {fmt(s['se'])} | {fmt(s['iqm'])} "
+                         f"[{fmt(s['iqm_ci'][0])}, {fmt(s['iqm_ci'][1])}] | {'; '.join(pois) or '–'} | {seeds} |")
+            else:
+                L.append(f"| {m} | 0 | {unf} | – | – | – | – |")
+        L += ["", "Ranking V2A > DVDF > IGDF > merged (by the IQM and its 95 % CI):", "", *ranking_lines(st), ""]
+        for f in plot_diagnostics(task, truns, cfg.figures):
+            L += [f"![{f}]({fig_rel}/{f})", ""]
+    if tasks:
+        L += ["## Learning curves", "", "Normalized score at each evaluation: mean over seeds, shaded 95 % percentile-"
+              "bootstrap CI of the mean; only the steps that every run of a method has reached.", "",
+              f"![learning curves]({fig_rel}/curves_{sweep}.png)", ""]
+    L += ["## Reading", "", "> **TODO (lead): interpretation.** What the numbers do and do not show: whether V2A > DVDF > "
+          "IGDF > merged holds beyond the CIs (above), the gains against the paper's +13.7 % (DVDF) and +21.4 % (IGDF), "
+          "and where the ranking does not appear, what the diagnostics (z separation, advantage distributions, kept "
+          "fractions) say about why. To be written once the sweep has finished.", ""]
+    L += setup_lines(runs)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    with open(cfg.out, "w") as fh:
+        fh.write("\n".join(L))
+    print(f"[benchmark] wrote {cfg.out} and {cfg.figures}/ from {len(runs)} runs in {len(tasks)} tasks", flush=True)
+    return stats_all
+
+
+def setup_lines(runs: list[dict]) -> list[str]:
+    """Commands, seeds, budgets, machines and wall time, from the exported records."""
+    L = ["## Setup", "", "Commands (as launched; re-launching one continues its sweep):", "", "```bash"]
+    L += sorted({r["rec"].get("spec", {}).get("launch", "?") for r in runs}) or ["# none yet"]
+    L += ["```", ""]
+    budget_keys = ("repr_steps", "sql_steps", "info_steps", "total_steps", "eval_freq", "eval_episodes")
+    budgets = sorted({json.dumps({k: r["args"].get(k) for k in budget_keys}) for r in runs})
+    L += ["Budgets: " + ("; ".join(budgets) or "–"), ""]
+    machines = sorted({f"{a['machine']['host']} ({a['machine']['cpu']}, {a['machine']['cores']} cores)"
+                       for r in runs for a in r["rec"].get("attempts", [])})
+    L += ["Machines: " + ("; ".join(machines) or "–") + ". One CPU thread per run (OMP_NUM_THREADS=1).", ""]
+    if runs:
+        L += ["| method | task | seeds (finished) | wall time per finished run, h: mean [min, max] | core-hours |",
+              "|---|---|---|---|---|"]
+        groups: dict = {}
+        for r in runs:
+            groups.setdefault((r["method"], task_label(r["task"])), []).append(r)
+        total = 0.0
+        for (m, t), rr in sorted(groups.items(), key=lambda kv: (kv[0][1], method_order(kv[0][0]))):
+            w = [r["rec"].get("wall_s") or 0 for r in rr if r["finished"]]
+            allw = sum(r["rec"].get("wall_s") or 0 for r in rr) / 3600
+            total += allw
+            span = f"{np.mean(w) / 3600:.2f} [{min(w) / 3600:.2f}, {max(w) / 3600:.2f}]" if w else "–"
+            L.append(f"| {m} | {t} | {sorted(r['seed'] for r in rr if r['finished'])} | {span} | {allw:.1f} |")
+        L += ["", f"Core-hours spent (all attempts, finished or not): {total:.1f}.", ""]
+    return L
+
+
+def main(argv: list[str]) -> int:
+    argv_all, extra = list(argv), []
+    if "--" in argv:  # everything after `--` goes to every run
+        argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+    cfg = tyro.extras.subcommand_cli_from_dict({"run": Run, "report": Report}, args=argv,
+                                                description="Sweep runner and results report (docs/benchmark.md).")
+    if isinstance(cfg, Report):
+        if extra:
+            raise SystemExit("benchmark.py: error: report takes no flags after `--`")
+        report(cfg)
+        return 0
+    return run_sweep(cfg, extra, " ".join(map(shlex.quote, ["python", "benchmark.py", *argv_all])))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
