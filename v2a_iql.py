@@ -39,6 +39,13 @@ QUALITIES = ("random", "medium", "expert")
 MAX_DATASET_TRANSITIONS = 10_000_000  # per dataset, as data_gen.py
 VARIANT_STAGES = {"v2a": (1, 2, 3, 4), "dvdf": (3, 4), "igdf": (4,), "merged": (), "target": ()}
 PUBLISHED_TRADEOFF = {"v2a": 0.6, "dvdf": 0.7, "igdf": 1.0}  # lambda: docs/specification.md §7.1, §8 (igdf: h only)
+# the paper's six filtered rows: (--variant, --dynamics-score) -> name (run directories, results.json); §8, §10
+ROW_NAMES = {("igdf", "contrastive"): "igdf", ("dvdf", "contrastive"): "dvdf", ("v2a", "contrastive"): "v2a",
+             ("igdf", "ot"): "otdf", ("dvdf", "ot"): "dvdf-otdf", ("v2a", "ot"): "v2a-otdf"}
+# OT score (OTDF, docs/specification.md §10): Sinkhorn threshold and iteration cap as OTDF, epsilon = OT_EPS x mean of the
+# max-scaled cost (ott-jax 0.4.5's default, which OTDF uses), OTDF's 10,000-row source chunks, a 5,000-row target subsample
+OT_THRESHOLD, OT_ITERS, OT_EPS, OT_CHUNK, OT_TARGET = 1e-9, 100, 0.05, 10_000, 5_000
+NEW_FLAG_DEFAULTS = {"dynamics_score": "contrastive"}  # flags added after runs were made: absent reads as this default
 REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP, SQL_BATCH = 16, 200, 1e-3, 10.0, 256  # docs/specification.md §7.1
 
 
@@ -71,6 +78,9 @@ class Args:
     """run data_gen.py when the datasets are missing (`--no-generate`: stop with an error instead)"""
     variant: Literal["v2a", "dvdf", "igdf", "merged", "target"] = "v2a"
     """v2a: h + A(s,a,z); dvdf: h + A(s,a); igdf: h only; merged: IQL on source+target; target: IQL on target"""
+    dynamics_score: Literal["contrastive", "ot"] = "contrastive"
+    """the dynamics score h of v2a, dvdf and igdf: contrastive (IGDF's, stage 4 trains it) or ot (OTDF's optimal-
+    transport score, stage 4 computes it): --variant igdf --dynamics-score ot is OTDF, dvdf: DVDF-OTDF, v2a: V2A-OTDF"""
     tradeoff: Optional[float] = None
     """lambda, the weight of h in f = lambda h + (1 - lambda) minmax(A); None: the variant's published value"""
     xi: float = 0.5
@@ -187,14 +197,17 @@ def validate_args(args: Args):
                  f"the weights")
     stages, bench, runs = VARIANT_STAGES[args.variant], args.bench > 0, [args.resume, args.reuse_stages]
     budgets = {1: ("repr-steps", args.repr_steps), 3: ("sql-steps", args.sql_steps), 4: ("info-steps", args.info_steps)}
+    trained = [k for k in stages if k in budgets and (k != 4 or args.dynamics_score == "contrastive")]  # ot: no steps
     checks = [
         (not 0 <= args.seed < 2**31, f"--seed must lie in [0, 2^31), got {args.seed}"),
         (not 0 < args.xi <= 1 or (args.tradeoff is not None and not 0 <= args.tradeoff <= 1),
          f"--xi must lie in (0, 1] and --tradeoff in [0, 1]; got xi {args.xi}, tradeoff {args.tradeoff}"),
         (args.tradeoff is not None and args.variant not in ("v2a", "dvdf"),
          f"--tradeoff applies to the v2a and dvdf variants only, not to {args.variant}"),
+        (args.dynamics_score != "contrastive" and args.variant not in PUBLISHED_TRADEOFF,
+         f"--dynamics-score applies to the filtered variants v2a, dvdf and igdf only, not to {args.variant}"),
         *[(n <= 0 and not bench, f"--{flag} must be > 0 for the {args.variant} variant, got {n}")
-          for flag, n in [budgets[k] for k in stages if k in budgets] + [("total-steps", args.total_steps)]],
+          for flag, n in [budgets[k] for k in trained] + [("total-steps", args.total_steps)]],
         *[(n < 0, f"--{flag} must be >= 0, got {n}") for flag, n in budgets.values()],
         (min(args.eval_freq, args.eval_episodes, args.log_freq, args.batch_size, args.z_dim) <= 0,
          "--eval-freq, --eval-episodes, --log-freq, --batch-size and --z-dim must be > 0"),
@@ -239,7 +252,7 @@ def check_resume(args: Args):
     if script != SCRIPT:
         fail(f"--resume {args.resume}: that run was made by {script}; resume it with python {script} --resume ...")
     diff = [d for k, v in json.loads(json.dumps(vars(args))).items() if k not in RESUME_FREE
-            for d in differences(old.get(k, "<absent>"), v, f"--{k.replace('_', '-')}.")]
+            for d in differences(old.get(k, NEW_FLAG_DEFAULTS.get(k, "<absent>")), v, f"--{k.replace('_', '-')}.")]
     if args.total_steps < old.get("total_steps", 0):
         diff.append(f"--total-steps {old['total_steps']} (now {args.total_steps}; it may only grow)")
     if diff:
@@ -259,11 +272,14 @@ def stage_keys(args: Args, records: dict, stages) -> dict:
            2: {},
            3: dict(data=src, sql_steps=args.sql_steps, sql_alpha=args.sql_alpha, gamma=args.gamma, tau=args.tau,
                    lr=args.learning_rate, constants=[SQL_BATCH]),
-           4: dict(data=records, info_steps=args.info_steps, batch_size=args.batch_size, lr=args.learning_rate)}
+           4: dict(data=records, info_steps=args.info_steps, batch_size=args.batch_size, lr=args.learning_rate)
+           if args.dynamics_score == "contrastive" else  # the OT score: a function of the data, the seed and these
+           dict(data=records, score="ot", constants=[OT_THRESHOLD, OT_ITERS, OT_EPS, OT_CHUNK, OT_TARGET])}
     keys, chain = {}, {"seed": args.seed}
     for k in stages:
         keys[k] = chain = {**chain, f"stage{k}": own[k]}
-    flags = {k: v for k, v in vars(args).items() if k not in RESUME_FREE}
+    flags = {k: v for k, v in vars(args).items()  # a newer flag at its default is left out: older keys stay valid
+             if k not in RESUME_FREE and not (k in NEW_FLAG_DEFAULTS and NEW_FLAG_DEFAULTS[k] == v)}
     keys[5] = {**chain, "stage5": dict(data=records, script=SCRIPT, flags=flags)}
     return {k: json.loads(json.dumps(key)) for k, key in keys.items()}  # as stored: lists, not tuples
 
@@ -297,7 +313,7 @@ def load_checkpoints(args: Args, stages, keys: dict, dev: torch.device) -> dict:
 
 
 STAGE_TAGS = ((0, "hyperparameters"), (1, "repr/rec_loss"), (1, "repr/kl"), (2, "repr/domain_probe_acc"),
-              (3, "losses/sql_"), (4, "losses/info_loss"))  # tag prefix -> the stage that logs it; other tags: 5
+              (3, "losses/sql_"), (4, "losses/info_loss"), (4, "dynamics/"))  # tag prefix -> its stage; others: 5
 
 
 def cut_events(run_dir: str, keep: dict):
@@ -436,6 +452,49 @@ def filter_scores(h: torch.Tensor, adv: torch.Tensor, tradeoff: float):
     lo, hi = adv.min(-1, keepdim=True).values, adv.max(-1, keepdim=True).values
     adv_norm = (adv - lo) / (hi - lo + 1e-8)
     return tradeoff * h + (1 - tradeoff) * adv_norm, adv_norm
+
+
+def ot_plan(src: torch.Tensor, tgt: torch.Tensor, iters: int = OT_ITERS):
+    """OTDF's OT problem (docs/specification.md §10) between source and target rows [s, a, s'], uniform weights: cosine
+    cost C = 1 - cos divided by its maximum, entropic regularisation epsilon = OT_EPS x mean C, POT's Sinkhorn in
+    float64 for at most `iters` iterations or until the marginal error is below OT_THRESHOLD. Returns (P, C). POT's last
+    update is that of the rows: every row of P sums to exactly 1 / rows, the columns to about 1 / columns."""
+    try:
+        import ot  # POT, Python Optimal Transport (requirements.txt); imported here: only this stage needs it
+    except ImportError as e:
+        fail(f"--dynamics-score ot needs POT ({one_line(e)}): pip install pot==0.9.7.post1")
+    cost = 1.0 - F.normalize(src.double(), dim=1, eps=1e-8) @ F.normalize(tgt.double(), dim=1, eps=1e-8).T
+    cost /= cost.max().clamp(min=1e-12)
+    a, b = (torch.full((n,), 1.0 / n, dtype=torch.float64, device=src.device) for n in cost.shape)
+    plan = ot.sinkhorn(a, b, cost, float(OT_EPS * cost.mean()), numItermax=iters, stopThr=OT_THRESHOLD, warn=False)
+    if not torch.allclose(plan.sum(1), a, rtol=1e-3):  # POT stopped at its first step (numerical errors)
+        fail(f"the Sinkhorn solver failed on {len(src)} source x {len(tgt)} target rows (numerical errors)")
+    return plan, cost
+
+
+def ot_scores(src: torch.Tensor, tgt: torch.Tensor, seed: int, chunk: int = OT_CHUNK, n_target: int = OT_TARGET,
+              iters: int = OT_ITERS) -> torch.Tensor:
+    """Stage 4 with --dynamics-score ot (docs/specification.md §10, OTDF): the OT score of every source row [s, a, s'].
+    The source rows, in a random order, are cut into chunks of about `chunk` rows; each chunk is matched to one fixed
+    random subsample of `n_target` target rows (all of them if fewer) by ot_plan. A row's score is
+    c_i = -sum_j P_ij C_ij times the chunk's row count: minus the mean (max-scaled) cost of the row's transport, in
+    [-1, 0], comparable across chunks of unequal size. Returns float32 scores [N_src]."""
+    gen = torch.Generator().manual_seed(seed)  # its own RNG: the same scores whichever stages ran before
+    if len(tgt) > n_target:
+        tgt = tgt[torch.randperm(len(tgt), generator=gen)[:n_target].to(tgt.device)]
+    scores = torch.empty(len(src), dtype=torch.float64, device=src.device)
+    order = torch.randperm(len(src), generator=gen).to(src.device)  # each chunk: a sample of the whole mixture
+    for idx in order.tensor_split(max(1, round(len(src) / chunk))):
+        plan, cost = ot_plan(src[idx], tgt, iters)
+        scores[idx] = -(plan * cost).sum(1) * len(idx)
+    return scores.float()
+
+
+def ot_batch_norm(c: torch.Tensor) -> torch.Tensor:
+    """§10 (OTDF): the OT score of a batch (last dim) as (c - max c) / (max c - min c), in [-1, 0]; the filter and the
+    weight min(exp(.), 100) use it where they use h."""
+    lo, hi = c.min(-1, keepdim=True).values, c.max(-1, keepdim=True).values
+    return (c - hi) / (hi - lo + 1e-8)
 
 
 def kept_count(batch: int, xi: float) -> int:
@@ -595,6 +654,23 @@ def relabel(encoder: TrajectoryEncoder, d: dict, chunk: int = 64) -> torch.Tenso
     return z
 
 
+def score_diagnostics(c: torch.Tensor, d: dict, writer: SummaryWriter):
+    """The OT score per source domain and per domain-quality (mean, and a histogram of each): a dynamics score should
+    rank the source domains by their distance to the target (§10)."""
+    c, tid = c.cpu(), d["traj_id"].cpu()
+    dom, qual = d["dom"].cpu()[tid], d["qual"].cpu()[tid]
+    means = {}
+    for k, name in enumerate(d["dom_names"]):
+        if (m := dom == k).any():
+            means[name] = c[m].mean().item()
+            writer.add_scalar(f"dynamics/ot_score_mean/{name}", means[name], 0)
+    for i, j in [(i, j) for i in range(len(d["dom_names"])) for j in range(len(d["qual_names"]))]:
+        if (m := (dom == i) & (qual == j)).any():
+            writer.add_histogram(f"dynamics/ot_score/{d['dom_names'][i]}-{d['qual_names'][j]}", c[m], 0)
+    print("[stage 4 OT score] mean per source domain (higher: closer to the target): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in sorted(means.items(), key=lambda kv: -kv[1])), flush=True)
+
+
 def z_diagnostics(z: torch.Tensor, d: dict, writer: SummaryWriter, seed: int):
     """Held-out (20 % of trajectories) nearest-centroid probe of the domain label on z, as balanced accuracy (mean
     per-domain recall, chance 1/#domains), and a projector embedding of z labelled domain/quality."""
@@ -691,7 +767,9 @@ def save(obj: dict, path: str):
 DESCRIPTION = (
     "V2A cross-domain offline RL with the IQL backbone, end to end in one process: TC-ELBO modality encoder, "
     "z-relabelling, modality-aware advantage, contrastive dynamics score, value-and-dynamics filter, filtered IQL, "
-    "evaluation in the target env; the baselines dvdf, igdf, merged and target via --variant. Example: python "
+    "evaluation in the target env; the baselines dvdf, igdf, merged and target via --variant, and OTDF's optimal-transport "
+    "dynamics score instead of the contrastive one via --dynamics-score ot (igdf: OTDF, dvdf: DVDF-OTDF, v2a: V2A-OTDF; "
+    "about 5 min on the default data). Example: python "
     "v2a_iql.py --env-id Hopper-v4 --variant v2a. Supported env ids: " + ", ".join(SUPPORTED_ENV_IDS) + ". A default "
     "run first generates its datasets with data_gen.py if they are missing (1M source transitions, 100k target), "
     "then takes about 8-10 hours on one core of a 2-core CPU (100k TC-ELBO iterations about 5.6 h, " + STAGE5_TIME +
@@ -707,6 +785,7 @@ def main(args: Args):
         check_resume(args)
     stages, bench = VARIANT_STAGES[args.variant], args.bench > 0
     lam = PUBLISHED_TRADEOFF.get(args.variant, 0.0) if args.tradeoff is None else args.tradeoff
+    row = ROW_NAMES.get((args.variant, args.dynamics_score), args.variant)  # e.g. v2a-otdf
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -729,7 +808,7 @@ def main(args: Args):
     keys = stage_keys(args, d["records"], stages)
     cks = {} if bench else load_checkpoints(args, stages, keys, dev)
     run_dir = (args.resume.rstrip("/") if args.resume else tempfile.mkdtemp(prefix="v2a_bench_") if bench
-               else f"runs/{args.env_id}__{args.exp_name}__{args.variant}__{args.seed}__{int(time.time())}")
+               else f"runs/{args.env_id}__{args.exp_name}__{row}__{args.seed}__{int(time.time())}")
     if args.resume:  # what this process computes again is logged again: drop it from the event files first
         cut_events(run_dir, {0: -1, **{k: math.inf if k in cks else -1 for k in (1, 2, 3, 4)},
                              5: cks[5][1]["step"] if 5 in cks else -1})
@@ -832,10 +911,29 @@ def main(args: Args):
                       ["losses/sql_v_loss", "losses/sql_q_loss"], writer, args.log_freq)
             save(dict(q=sql_q.state_dict(), v=sql_v.state_dict(), key=keys[3]), f"{run_dir}/stage3.pt")
 
-    # ---- Stage 4: contrastive dynamics score (eq. 5.4): binary NCE with target (s,a,s') positives and B-1 source -----
-    #      next-state negatives, B x B logits from one matmul, 7000 steps; then h = cos(phi(s,a), psi(s'))
+    # ---- Stage 4: dynamics score. contrastive (eq. 5.4): binary NCE with target (s,a,s') positives and B-1 source ----
+    #      next-state negatives, B x B logits from one matmul, 7000 steps; then h = cos(phi(s,a), psi(s')).
+    #      ot (§10, OTDF): the OT score c of every source row against the target rows, computed once (ot_scores)
     phi, psi = mlp(ds + da, 64).to(dev), mlp(ds, 64).to(dev)
-    if 4 in stages and (ck := checkpoint(4)) is not None:
+    ot_score, c_src = 4 in stages and args.dynamics_score == "ot", None
+    if ot_score and (ck := checkpoint(4)) is not None:
+        if ck["c_src"].shape != (Ns,):
+            fail(f"stage4.pt holds OT scores of {ck['c_src'].shape[0]} source rows, but the source data has {Ns}")
+        c_src = ck["c_src"]
+    elif ot_score:
+        rows = lambda x: torch.cat([x[:, SA], x[:, S2]], 1)  # [s, a, s']
+        ot_stage = lambda src: ot_scores(rows(src), rows(data[Ns:]), args.seed)
+        if bench:
+            n = min(Ns, OT_CHUNK)  # one chunk per step: the stage takes about Ns / OT_CHUNK of them
+            bench_stage(f"stage 4 OT score of one {n}-row chunk", lambda i: ot_stage(data[:n])[:1], 2, 1, mm_rate)
+        else:
+            t0 = time.time()
+            c_src = ot_stage(data[:Ns])
+            print(f"[stage 4 OT score] {Ns} source rows against {min(Nt, OT_TARGET)} of {Nt} target rows in "
+                  f"{time.time() - t0:.1f} s", flush=True)
+            save(dict(c_src=c_src, key=keys[4]), f"{run_dir}/stage4.pt")
+            score_diagnostics(c_src, d, writer)
+    elif 4 in stages and (ck := checkpoint(4)) is not None:
         phi.load_state_dict(ck["phi"])
         psi.load_state_dict(ck["psi"])
     elif 4 in stages:
@@ -855,14 +953,17 @@ def main(args: Args):
 
     @torch.no_grad()
     def score_source(idx: torch.Tensor):
-        """h(s,a,s') and A(s,a,z) = min(Q1, Q2)(s,a,z) - V(s,z) of source rows idx (A = 0 without stage 3)."""
+        """h(s,a,s') (the OT score c: not yet normalised per batch) and A(s,a,z) = min(Q1, Q2)(s,a,z) - V(s,z) of source
+        rows idx (A = 0 without stage 3)."""
         x = data[idx]
-        h = cosine_score(phi(x[:, SA]), psi(x[:, S2]))
+        h = c_src[idx] if c_src is not None else cosine_score(phi(x[:, SA]), psi(x[:, S2]))
         return h, (sql_q(zs(x[:, SA], idx)).min(0).values - sql_v(zs(x[:, :ds], idx))).squeeze(-1) if 3 in stages else h * 0
 
     # ---- Stage 5a: the filter (eq. 5.5). Keep the top n = max(1, min(B, floor(xi B))) of B source samples by ---------
-    #      f = lambda h + (1 - lambda) minmax(A); w = min(exp(h), 100) on kept source rows, 1 on the B target rows
+    #      f = lambda h + (1 - lambda) minmax(A); w = min(exp(h), 100) on kept source rows, 1 on the B target rows.
+    #      With the OT score, h is the batch's c normalised as OTDF does (ot_batch_norm, §10)
     filtered, n_keep = args.variant in PUBLISHED_TRADEOFF, kept_count(B, args.xi)
+    batch_h = ot_batch_norm if c_src is not None else lambda h: h
     # The scorers are frozen, so h and A of a source row never change in stage 5: score every source row once (seconds)
     # and let each step gather its rows' scores. Same numbers as scoring each batch, up to float rounding.
     h_src = adv_src = torch.zeros(Ns, device=dev)
@@ -881,7 +982,7 @@ def main(args: Args):
             return data[tgt_idx], None
         if not filtered:  # merged: xi = 1, w = 1, no scorers
             return data[torch.cat([src_idx, tgt_idx])], None
-        h, adv = h_src[src_idx], adv_src[src_idx]
+        h, adv = batch_h(h_src[src_idx]), adv_src[src_idx]
         keep = select_kept(filter_scores(h, adv, lam)[0], n_keep)
         return data[torch.cat([src_idx[keep], tgt_idx])], torch.cat([source_weight(h[keep]), torch.ones_like(h)])
 
@@ -932,7 +1033,7 @@ def main(args: Args):
     # <<< backbone
 
     if bench:
-        bench_stage(f"stage 5 {args.variant} updates ({'compiled' if args.compile else 'eager'})", train_step, args.bench,
+        bench_stage(f"stage 5 {row} updates ({'compiled' if args.compile else 'eager'})", train_step, args.bench,
                     100, mm_rate)
         return
 
@@ -943,7 +1044,7 @@ def main(args: Args):
         """The filter on `chunks` fresh source batches, off the hot path (frozen scorers: same distribution as the
         training batches): kept-row means, kept fraction per domain and quality, A per domain-quality (Fig. 2(b))."""
         idx = torch.randint(Ns, (chunks, B), device=dev, generator=diag_gen)
-        h, adv = h_src[idx], adv_src[idx]
+        h, adv = batch_h(h_src[idx]), adv_src[idx]
         f, adv_norm = filter_scores(h, adv, lam)
         keep = select_kept(f, n_keep)
         for tag, v in (("h_mean", h), ("adv_norm_mean", adv_norm), ("weight_mean", source_weight(h))):
@@ -993,12 +1094,13 @@ def main(args: Args):
                       key=keys[5]),
                  f"{run_dir}/stage5.pt")
 
-    name = f"stage 5 IQL {args.variant}" + (f" lambda {lam} xi {args.xi} keep {n_keep}/{B}" if filtered else "")
+    name = f"stage 5 IQL {row}" + (f" lambda {lam} xi {args.xi} keep {n_keep}/{B}" if filtered else "")
     run_stage(name, args.total_steps, train_step, loss_tags, writer, args.log_freq, start=start, sps_tag="charts/SPS",
               must_log=is_eval_step, after_step=after_step)
     if evals:
         with open(os.path.join(run_dir, "results.json"), "w") as fh:  # (step, return, normalized score) per evaluation
-            json.dump({"variant": args.variant, "final_normalized_score": evals[-1][2], "evals": evals}, fh, indent=1)
+            json.dump({"variant": args.variant, "dynamics_score": args.dynamics_score, "row": row,
+                       "final_normalized_score": evals[-1][2], "evals": evals}, fh, indent=1)
         print(f"done: {run_dir}  final (last, not best) normalized score {evals[-1][2]:.1f}", flush=True)
     eval_env.close()
     writer.close()

@@ -1,0 +1,137 @@
+"""The optimal-transport dynamics score (--dynamics-score ot, OTDF; docs/specification.md §10): the score and the plan on
+hand-checkable points, the chunked and subsampled computation against the exact one, and the three OT rows (OTDF,
+DVDF-OTDF, V2A-OTDF) end to end in both files, with --reuse-stages.
+
+Run as a script, it prints the agreement check of docs/specification.md §10 on the default Hopper datasets:
+    MINARI_DATASETS_PATH=<folder with them> python tests/test_ot.py [--rows 10000]"""
+import glob
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import v2a_iql as v  # noqa: E402
+
+OT_ROWS = {"otdf": "igdf", "dvdf-otdf": "dvdf", "v2a-otdf": "v2a"}  # row -> --variant (with --dynamics-score ot)
+STAGE_FILES = {"otdf": [4, 5], "dvdf-otdf": [3, 4, 5], "v2a-otdf": [1, 2, 3, 4, 5]}
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Rank correlation (no ties in continuous scores): Pearson's r of the ranks."""
+    rank = lambda t: torch.argsort(torch.argsort(t)).double()
+    rx, ry = rank(x) - rank(x).mean(), rank(y) - rank(y).mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+
+
+# ---- the score on hand-checkable points ------------------------------------------------------------------------------
+def test_ot_score_prefers_a_source_point_on_the_target():
+    """Target: 4 points near direction e1. Source: one point on e1 (it coincides with target points) and one on e2
+    (cosine cost 1 to all of them): the first scores higher, and the scores lie in [-1, 0]."""
+    tgt = torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [1.0, 0.1, 0.0], [1.0, 0.0, 0.1]])
+    src = torch.tensor([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    c = v.ot_scores(src, tgt, seed=0)
+    assert c[0] > c[1] and -1.0 <= c.min() and c.max() <= 0.0
+    assert c[1] < -0.9 and c[0] > -0.01  # its mass goes at (scaled) costs 0.9 to 1; the other's at about 0
+
+
+def test_ot_plan_marginals_are_uniform():
+    torch.manual_seed(0)
+    src, tgt = torch.randn(30, 5), torch.randn(20, 5) + 0.5
+    plan, cost = v.ot_plan(src, tgt)
+    assert plan.shape == (30, 20) and (plan >= 0).all() and cost.max().item() == pytest.approx(1.0)
+    assert torch.allclose(plan.sum(1), torch.full((30,), 1 / 30, dtype=torch.float64), rtol=1e-9)  # the rows: exact
+    assert torch.allclose(plan.sum(0), torch.full((20,), 1 / 20, dtype=torch.float64), rtol=1e-3)  # the columns
+
+
+def test_ot_batch_norm():
+    c = torch.tensor([[-0.5, -0.2, -0.3], [1.0, 3.0, 2.0]])
+    assert torch.allclose(v.ot_batch_norm(c), torch.tensor([[-1.0, 0.0, -1 / 3], [-1.0, 0.0, -0.5]]), atol=1e-6)
+
+
+def test_chunked_subsampled_scores_agree_with_exact():
+    """Three clusters of source points at different distances from the target cloud: the chunked (4 chunks) and
+    subsampled (half the target) scores rank the rows as the exact single problem does, and are deterministic."""
+    g = torch.Generator().manual_seed(0)
+    centre = torch.tensor([1.0, 0.5, 0.0, 0.2])
+    tgt = centre + 0.3 * torch.randn(400, 4, generator=g)
+    src = torch.cat([centre + shift + 0.3 * torch.randn(300, 4, generator=g)
+                     for shift in (torch.zeros(4), torch.tensor([0.0, 1.0, 1.0, 0.0]), torch.tensor([-2.0, 0, 2, 0]))])
+    exact = v.ot_scores(src, tgt, seed=0, chunk=len(src), n_target=len(tgt))
+    approx = v.ot_scores(src, tgt, seed=1, chunk=len(src) // 4, n_target=len(tgt) // 2)
+    assert spearman(exact, approx) > 0.95
+    assert torch.equal(approx, v.ot_scores(src, tgt, seed=1, chunk=len(src) // 4, n_target=len(tgt) // 2))
+    means = [approx[k * 300:(k + 1) * 300].mean() for k in range(3)]
+    assert means[0] > means[1] > means[2]  # the score ranks the clusters by their distance to the target
+
+
+# ---- end to end: the three OT rows in both files, and --reuse-stages ------------------------------------------------
+@pytest.mark.parametrize("script", ["v2a_iql", "v2a_td3bc"])
+@pytest.mark.parametrize("row", OT_ROWS)
+def test_ot_rows_end_to_end_and_reuse(script, row, tiny_data, tmp_path):
+    from test_v2a import TINY_BUDGETS, run
+    variant = OT_ROWS[row]
+    proc = run(script, tmp_path, *tiny_data["base_args"], *TINY_BUDGETS, "--variant", variant, "--dynamics-score", "ot")
+    (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", f"*__{script}__{row}__*"))
+    assert sorted(glob.glob(os.path.join(run_dir, "stage*.pt"))) == [os.path.join(run_dir, f"stage{k}.pt")
+                                                                      for k in STAGE_FILES[row]]
+    c = torch.load(os.path.join(run_dir, "stage4.pt"), weights_only=False)["c_src"]
+    assert c.shape == (tiny_data["source_size"],) and (c <= 0).all() and (c >= -1).all()
+    assert "[stage 4 OT score] mean per source domain" in proc.stdout and "[stage 4 contrastive" not in proc.stdout
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    assert results["row"] == row and results["dynamics_score"] == "ot" and [e[0] for e in results["evals"]] == [50, 100]
+    events = open(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))[0], "rb").read().decode("latin1")
+    assert "dynamics/ot_score_mean/" in events and "filter/kept_frac/" in events
+    # a second run reuses the stages (the OT scores included) and trains stage 5 with another xi
+    (tmp_path / "reuse").mkdir()
+    proc = run(script, tmp_path / "reuse", *tiny_data["base_args"], *TINY_BUDGETS, "--variant", variant,
+               "--dynamics-score", "ot", "--xi", "0.25", "--reuse-stages", run_dir)
+    assert all(f"[stage {k}] loaded" in proc.stdout for k in STAGE_FILES[row][:-1])
+    assert "[stage 4 OT score]" not in proc.stdout and "keep 32/128" in proc.stdout
+    # a contrastive run cannot reuse the OT scores (and the other way round): other stage-4 settings
+    proc = run(script, tmp_path / "reuse", *tiny_data["base_args"], *TINY_BUDGETS, "--variant", variant,
+               "--reuse-stages", run_dir, check=False)
+    assert proc.returncode != 0 and "stage4.pt was trained with other settings" in proc.stderr
+
+
+def test_ot_score_flag_needs_a_filtered_variant(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = v.Args(env_id=tiny_data["env_id"], source=tiny_data["source"], source_size=tiny_data["source_size"],
+                  target_size=tiny_data["target_size"], variant="merged", dynamics_score="ot")
+    with pytest.raises(SystemExit, match="--dynamics-score applies to the filtered variants"):
+        v.main(args)
+
+
+# ---- the agreement check on the default Hopper data (a script, not a test: minutes of CPU) ---------------------------
+def agreement(rows: int = 10_000, seed: int = 0):
+    """On `rows` random source rows of the default Hopper mixture (one OTDF chunk): Spearman's rank correlation between
+    the exact per-chunk computation of OTDF (the chunk against all 100k target rows, one problem) and this
+    implementation's (the chunk against the 5,000-row target subsample; and cut into 4 chunks)."""
+    import time
+    args = v.Args(env_id="Hopper-v4", generate=False)
+    v.validate_args(args)
+    d = v.load_data(args, torch.device("cpu"))
+    data, Ns, ds, da = d["data"], d["n_src"], d["ds"], d["da"]
+    rows_of = lambda x: torch.cat([x[:, : ds + da], x[:, ds + da + 1 : 2 * ds + da + 1]], 1)
+    pick = torch.randperm(Ns, generator=torch.Generator().manual_seed(seed))[:rows]
+    src, tgt = rows_of(data[pick]), rows_of(data[Ns:])
+    t0 = time.time()
+    exact = v.ot_scores(src, tgt, seed, chunk=rows, n_target=len(tgt))
+    print(f"exact ({rows} x {len(tgt)}): {time.time() - t0:.0f} s", flush=True)
+    out = {}
+    for name, kw in {"subsample": dict(chunk=rows), "subsample+4 chunks": dict(chunk=rows // 4),
+                     "subsample, other seed": dict(chunk=rows, seed=seed + 1)}.items():
+        t0 = time.time()
+        approx = v.ot_scores(src, tgt, **{"seed": seed, **kw})
+        out[name] = spearman(exact, approx)
+        print(f"{name} (target subsample {v.OT_TARGET}): Spearman {out[name]:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    dom = d["dom"][d["traj_id"][pick]]
+    for k, name in enumerate(d["dom_names"]):
+        print(f"  {name}: exact mean {exact[dom == k].mean():.4f}, subsample mean {approx[dom == k].mean():.4f}")
+    return out
+
+
+if __name__ == "__main__":
+    agreement(int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else 10_000)
