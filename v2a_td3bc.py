@@ -786,7 +786,7 @@ DESCRIPTION = (
     "z-relabelling, modality-aware advantage, contrastive dynamics score, value-and-dynamics filter, filtered TD3+BC, "
     "evaluation in the target env; the baselines dvdf, igdf, merged and target via --variant, and OTDF's optimal-transport "
     "dynamics score instead of the contrastive one via --dynamics-score ot (igdf: OTDF, dvdf: DVDF-OTDF, v2a: V2A-OTDF; "
-    "about 5 min on the default data). Example: python "
+    "about 6 min on the default data). Example: python "
     "v2a_td3bc.py --env-id Hopper-v4 --variant v2a. Supported env ids: " + ", ".join(SUPPORTED_ENV_IDS) + ". A default "
     "run first generates its datasets with data_gen.py if they are missing (1M source transitions, 100k target), "
     "then takes about 8-10 hours on one core of a 2-core CPU (100k TC-ELBO iterations about 5.6 h, " + STAGE5_TIME +
