@@ -440,7 +440,7 @@ def backbone_errors(args: Args) -> list[str]:
     ] if bad]
 
 
-STAGE5_TIME = "1M filtered-TD3+BC steps about 1.7 h"  # for --help
+STAGE5_TIME = "1M filtered-TD3+BC steps about 1.1 h"  # for --help
 # <<< backbone
 
 
@@ -789,8 +789,8 @@ DESCRIPTION = (
     "about 6 min on the default data). Example: python "
     "v2a_td3bc.py --env-id Hopper-v4 --variant v2a. Supported env ids: " + ", ".join(SUPPORTED_ENV_IDS) + ". A default "
     "run first generates its datasets with data_gen.py if they are missing (1M source transitions, 100k target), "
-    "then takes about 8-10 hours on one core of a 2-core CPU (100k TC-ELBO iterations about 5.6 h, " + STAGE5_TIME +
-    "). A reduced budget, about 40 min there: --repr-steps 5000 --sql-steps 30000 --total-steps 100000. Runs go to "
+    "then takes about 6-7 hours on one core of a 2-core CPU (100k TC-ELBO iterations about 4.6 h, " + STAGE5_TIME +
+    "). A reduced budget, about 30 min there: --repr-steps 5000 --sql-steps 30000 --total-steps 100000. Runs go to "
     "runs/<env>__<script>__<variant>__<seed>__<time>/ (TensorBoard, checkpoints, results.json); docs/v2a_td3bc.md.")
 
 
@@ -1122,4 +1122,8 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, description=DESCRIPTION))
+    try:
+        main(tyro.cli(Args, description=DESCRIPTION))
+    except KeyboardInterrupt:  # one line, no traceback: every stage's last checkpoint is intact (atomic saves)
+        fail("interrupted (Ctrl-C); continue the run with --resume runs/<its directory> (stage 5 restarts from its last "
+             "evaluation, an unfinished earlier stage from its beginning)")
