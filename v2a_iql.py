@@ -492,9 +492,13 @@ def ot_scores(src: torch.Tensor, tgt: torch.Tensor, seed: int, chunk: int = OT_C
         tgt = tgt[torch.randperm(len(tgt), generator=gen)[:n_target].to(tgt.device)]
     scores = torch.empty(len(src), dtype=torch.float64, device=src.device)
     order = torch.randperm(len(src), generator=gen).to(src.device)  # each chunk: a sample of the whole mixture
-    for idx in order.tensor_split(max(1, round(len(src) / chunk))):
+    chunks, t0 = order.tensor_split(max(1, round(len(src) / chunk))), time.time()
+    for k, idx in enumerate(chunks, 1):
         plan, cost = ot_plan(src[idx], tgt, iters)
         scores[idx] = -(plan * cost).sum(1).double() * len(idx)
+        if k % 10 == 0 and k < len(chunks):  # progress: the stage takes minutes on a CPU
+            print(f"[stage 4 OT score] chunk {k}/{len(chunks)}  ETA {(time.time() - t0) / k * (len(chunks) - k) / 60:.1f} "
+                  f"min", flush=True)
     return scores.float()
 
 
