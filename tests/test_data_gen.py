@@ -342,11 +342,17 @@ def test_two_writers_wait_and_reuse(tmp_path):
     assert staging_folders(root) == []
 
 
-def test_killed_run_leaves_nothing_behind(tmp_path):
-    root = tmp_path / "datasets"
-    proc = start(root, *TINY_ARGS, out=tmp_path / "killed")
+def start_until_staging(root, out):
+    """A tiny generation in the background, returned once its staging folder exists (it is collecting)."""
+    proc = start(root, *TINY_ARGS, out=out)
     staging = f"{root}-staging-{proc.pid}"
     wait_for(lambda: os.path.isdir(staging) or proc.poll() is not None, what=staging)
+    return proc, staging
+
+
+def test_killed_run_leaves_nothing_behind(tmp_path):
+    root = tmp_path / "datasets"
+    proc, staging = start_until_staging(root, tmp_path / "killed")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert os.path.isdir(staging)  # what a SIGKILL leaves
@@ -358,9 +364,7 @@ def test_killed_run_leaves_nothing_behind(tmp_path):
 
 def test_sigterm_removes_staging_in_process(tmp_path):
     root = tmp_path / "datasets"
-    proc = start(root, *TINY_ARGS, out=tmp_path / "term")
-    staging = f"{root}-staging-{proc.pid}"
-    wait_for(lambda: os.path.isdir(staging) or proc.poll() is not None, what=staging)
+    proc, _ = start_until_staging(root, tmp_path / "term")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
     assert staging_folders(root) == [] and "Traceback" not in (tmp_path / "term.stderr").read_text()
