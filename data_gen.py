@@ -26,7 +26,6 @@ import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from minari.data_collector.episode_buffer import EpisodeBuffer
 
@@ -227,7 +226,7 @@ def make_domain_env(env_id: str, domain: str) -> gym.Env:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Behaviour policies: SAC (Haarnoja et al. 2018) in one domain; checkpoints give the medium and expert actors
+# Behaviour policies: the SAC actor (trained by behaviour_policies.py) and the random policy
 # --------------------------------------------------------------------------------------------------------------
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -254,19 +253,6 @@ class Actor(nn.Module):
         log_prob = (-0.5 * ((pre_tanh - mean) / std) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
         log_prob = log_prob - torch.log(1 - action.pow(2) + 1e-6).sum(-1)
         return action, log_prob
-
-
-class TwinQ(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
-        super().__init__()
-        def mlp():
-            return nn.Sequential(nn.Linear(obs_dim + act_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, 1))
-        self.q1, self.q2 = mlp(), mlp()
-
-    def forward(self, obs, act):
-        x = torch.cat([obs, act], -1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
 
 
 def policy_act(actor: Optional[Actor], obs: np.ndarray, env: gym.Env, rng: np.random.Generator,
@@ -296,137 +282,8 @@ def policy_path(args: Args, robot: str, domain: str) -> str:
     return os.path.join(args.policy_dir, robot.lower(), f"{domain}.pt")
 
 
-def train_behaviour_policies(args: Args, robot: str, domain: str):
-    """SAC in one domain; every `policy_eval_freq` steps the actor is evaluated and kept. The expert is the best
-    checkpoint, the medium the checkpoint whose return is closest to 40% of the expert's (our choice of "medium"),
-    both re-evaluated on 10 fresh episodes before they are saved."""
-    env, eval_env = make_domain_env(args.env_id, domain), make_domain_env(args.env_id, domain)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    actor, qf = Actor(obs_dim, act_dim), TwinQ(obs_dim, act_dim)
-    qf_target = TwinQ(obs_dim, act_dim)
-    qf_target.load_state_dict(qf.state_dict())
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=3e-4)
-    q_opt = torch.optim.Adam(qf.parameters(), lr=1e-3)
-    log_alpha = torch.zeros(1, requires_grad=True)
-    alpha_opt = torch.optim.Adam([log_alpha], lr=1e-3)
-    target_entropy = -float(act_dim)
-    gamma, tau, batch_size, learning_starts = 0.99, 0.005, 256, min(5000, args.policy_steps // 10)
-    n = args.policy_steps
-    buf = {k: np.zeros((n, d), np.float32) for k, d in
-           [("obs", obs_dim), ("act", act_dim), ("next_obs", obs_dim), ("rew", 1), ("term", 1)]}
-    rng = np.random.default_rng(args.seed)
-    checkpoints, start, ep_ret, ep_rets, first_step = [], time.time(), 0.0, [], 0
-    # Resumable: every evaluation also writes the whole training state (networks, optimizers, replay buffer, RNGs)
-    # beside the policy file, so a run stopped by a session limit continues from its last evaluation.
-    state_path = policy_path(args, robot, domain).replace(".pt", ".train-state.pt")
-    modules = dict(actor=actor, qf=qf, qf_target=qf_target, actor_opt=actor_opt, q_opt=q_opt, alpha_opt=alpha_opt)
-    run_key = {"env_id": args.env_id, "domain": domain, "policy_steps": n, "seed": args.seed,
-               "policy_eval_freq": args.policy_eval_freq}
-    if os.path.exists(state_path):
-        try:
-            state = torch.load(state_path, weights_only=False)
-        except Exception as e:
-            raise DataGenError(f"training state {state_path} cannot be read ({one_line(e)}); delete it to start "
-                               f"afresh") from None
-        if state["run_key"] != run_key:
-            raise DataGenError(f"{state_path} belongs to another training run ({state['run_key']}); delete it to "
-                               f"start afresh")
-        for name, module in modules.items():
-            module.load_state_dict(state[name])
-        with torch.no_grad():
-            log_alpha.copy_(state["log_alpha"])
-        first_step = state["step"]
-        for k in buf:
-            buf[k][:first_step] = state["buffer"][k]
-        checkpoints, ep_rets = state["checkpoints"], state["ep_rets"]
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        print(f"[{domain}] resuming SAC from step {first_step} ({state_path})", flush=True)
-    obs, _ = env.reset(seed=args.seed + first_step)  # a resumed run starts a fresh episode
-    for step in range(first_step, n):
-        act = policy_act(None if step < learning_starts else actor, obs, env, rng, deterministic=False)
-        next_obs, r, term, trunc, _ = env.step(act)
-        for k, v in zip(buf, (obs, act, next_obs, r, term)):
-            buf[k][step] = v
-        obs, ep_ret = next_obs, ep_ret + float(r)
-        if term or trunc:
-            obs, _ = env.reset()
-            ep_rets.append(ep_ret)
-            ep_ret = 0.0
-        if step >= learning_starts:
-            idx = torch.from_numpy(rng.integers(0, step + 1, batch_size))
-            s, a, s2, rew, d = (torch.from_numpy(buf[k])[idx] for k in buf)
-            alpha = log_alpha.exp().detach()
-            with torch.no_grad():
-                a2, logp2 = actor(s2)
-                q_next = torch.min(*qf_target(s2, a2)) - alpha * logp2
-                y = rew.squeeze(-1) + gamma * (1 - d.squeeze(-1)) * q_next
-            q1, q2 = qf(s, a)
-            q_loss = F.mse_loss(q1, y) + F.mse_loss(q2, y)
-            q_opt.zero_grad()
-            q_loss.backward()
-            q_opt.step()
-            if step % 2 == 0:  # delayed actor and temperature (TD3-style): half the actor cost
-                pi, logp = actor(s)
-                for p in qf.parameters():
-                    p.requires_grad_(False)
-                actor_loss = (alpha * logp - torch.min(*qf(s, pi))).mean()
-                for p in qf.parameters():
-                    p.requires_grad_(True)
-                actor_opt.zero_grad()
-                actor_loss.backward()
-                actor_opt.step()
-                alpha_loss = -(log_alpha.exp() * (logp.detach() + target_entropy)).mean()
-                alpha_opt.zero_grad()
-                alpha_loss.backward()
-                alpha_opt.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(list(qf_target.parameters()), list(qf.parameters()), tau)
-        if (step + 1) % args.policy_eval_freq == 0:
-            rets = evaluate_policy(eval_env, actor, 5, seed=10_000 + step)
-            checkpoints.append((step + 1, float(rets.mean()), {k: v.clone() for k, v in actor.state_dict().items()}))
-            sps = (step + 1 - first_step) / (time.time() - start)
-            print(f"[{domain}] step {step + 1}/{n}  eval return {rets.mean():8.1f}  train return "
-                  f"{np.mean(ep_rets[-10:]) if ep_rets else 0:8.1f}  {sps:5.0f} steps/s  "
-                  f"ETA {(n - step - 1) / sps / 60:5.1f} min", flush=True)
-            state = {name: module.state_dict() for name, module in modules.items()}
-            state.update(run_key=run_key, step=step + 1, log_alpha=log_alpha.detach().clone(),
-                         buffer={k: v[:step + 1] for k, v in buf.items()}, checkpoints=checkpoints,
-                         ep_rets=ep_rets, numpy_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state())
-            os.makedirs(os.path.dirname(state_path), exist_ok=True)
-            torch.save(state, state_path + ".tmp")
-            os.replace(state_path + ".tmp", state_path)
-    if not checkpoints:
-        raise DataGenError("--policy-steps must be at least --policy-eval-freq")
-    # Expert: best checkpoint among the top 3 after a 10-episode re-evaluation; medium: closest to 40% of it.
-    def reeval(sd):
-        a = Actor(obs_dim, act_dim)
-        a.load_state_dict(sd)
-        return evaluate_policy(eval_env, a, 10, seed=20_000)
-    top = sorted(checkpoints, key=lambda c: -c[1])[:3]
-    scored = [(reeval(c[2]), c) for c in top]
-    expert_rets, expert = max(scored, key=lambda x: x[0].mean())
-    medium = min(checkpoints, key=lambda c: abs(c[1] - 0.4 * expert_rets.mean()))
-    medium_rets = reeval(medium[2])
-    record = {"env_id": args.env_id, "domain": domain, "sac_steps": n, "seed": args.seed,
-              "expert": {"step": expert[0], "state_dict": expert[2], "return_mean": float(expert_rets.mean()),
-                         "return_std": float(expert_rets.std())},
-              "medium": {"step": medium[0], "state_dict": medium[2], "return_mean": float(medium_rets.mean()),
-                         "return_std": float(medium_rets.std())},
-              "curve": [(c[0], c[1]) for c in checkpoints], "obs_dim": obs_dim, "act_dim": act_dim}
-    path = policy_path(args, robot, domain)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(record, path + ".tmp")
-    os.replace(path + ".tmp", path)  # never a half-written policy file under its final name
-    if os.path.exists(state_path):
-        os.remove(state_path)
-    print(f"saved {path}: expert (step {expert[0]}) {expert_rets.mean():.1f} +- {expert_rets.std():.1f}, "
-          f"medium (step {medium[0]}) {medium_rets.mean():.1f} +- {medium_rets.std():.1f}  "
-          f"[{(time.time() - start) / 60:.1f} min]")
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Mixture spec and dataset ids (the training scripts copy these three functions verbatim: same grammar, same ids)
+# Mixture spec and dataset ids (the training scripts import these through v2a_utils.py: one grammar, one set of ids)
 # --------------------------------------------------------------------------------------------------------------
 def parse_source(spec: str) -> list[tuple[str, str, float]]:
     """`domain:quality[:weight]` entries -> [(domain, quality, weight)]; a weight is a finite number > 0."""
@@ -843,15 +700,19 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     if args.train_domain is not None:
+        from behaviour_policies import train_behaviour_policies  # SAC: only --train-domain needs it
         train_behaviour_policies(args, robot, args.train_domain)
         return
     generate(args, robot)
 
 
 if __name__ == "__main__":
+    # run as the module `data_gen`, the one that behaviour_policies.py and the shifted envs' entry point import: one
+    # copy of its classes, so that `except DataGenError` catches what either raises
+    import data_gen
     try:
-        main(tyro.cli(Args))
-    except DataGenError as e:
+        data_gen.main(tyro.cli(data_gen.Args))
+    except data_gen.DataGenError as e:
         sys.exit(f"data_gen.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit("data_gen.py: interrupted")

@@ -10,10 +10,10 @@ TINY = dict(env_id="Hopper-v4", source="torso-hard:random,gravity-0.5:expert,leg
             source_size=3000, target_size=1000)
 
 
-def run_script(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run one of the project's scripts as a user would, with a single torch thread."""
+def run_script(script: str, *args: str, check: bool = True, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts as a user would, with a single torch thread, in `cwd` (runs/ goes there)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

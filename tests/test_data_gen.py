@@ -249,8 +249,11 @@ def assert_tiny_datasets(root):
             ds = minari.load_dataset(dataset_id)
             expected = TINY["target_size"] if dataset_id == target_id else TINY["source_size"] // 3
             assert ds.total_steps == expected == sum(len(ep.actions) for ep in ds.iterate_episodes()), dataset_id
-    finally:
-        os.environ["MINARI_DATASETS_PATH"] = old
+    finally:  # restore: unset when it was unset (a test run alone has no tiny_data fixture to set it)
+        if old is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
 
 
 @pytest.mark.parametrize("args,message", [  # one case per class end to end; every variant in test_validate_args
@@ -390,3 +393,13 @@ def test_sac_trainer_writes_medium_and_expert(tmp_path):
     assert {"expert", "medium"} <= record.keys() and len(record["curve"]) == 4
     actor = dg.Actor(record["obs_dim"], record["act_dim"])
     actor.load_state_dict(record["medium"]["state_dict"])
+
+
+def test_sac_trainer_errors_are_one_line(tmp_path):
+    """behaviour_policies.py raises data_gen's DataGenError: one line, no traceback, from data_gen.py's main."""
+    (tmp_path / "hopper").mkdir()
+    (tmp_path / "hopper" / "gravity-2.0.train-state.pt").write_text("not a checkpoint")
+    proc = run_script("data_gen.py", "--train-domain", "gravity-2.0", "--policy-steps", "1200", "--policy-eval-freq",
+                      "300", "--policy-dir", str(tmp_path), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("data_gen.py: error: training state ")

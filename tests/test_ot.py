@@ -155,7 +155,7 @@ def agreement(rows: int = 10_000, seed: int = 0):
     import time
     args = v.Args(env_id="Hopper-v4", generate=False)
     v.validate_args(args)
-    d = v.load_data(args, torch.device("cpu"))
+    d = v.utils.load_data(args, torch.device("cpu"))
     data, Ns, ds, da = d["data"], d["n_src"], d["ds"], d["da"]
     rows_of = lambda x: torch.cat([x[:, : ds + da], x[:, ds + da + 1 : 2 * ds + da + 1]], 1)
     pick = torch.randperm(Ns, generator=torch.Generator().manual_seed(seed))[:rows]

@@ -15,6 +15,7 @@ import pytest
 import torch
 import tyro
 
+import data_gen
 import v2a_iql
 import v2a_td3bc
 
@@ -26,13 +27,15 @@ TINY = ["--repr-steps", "20", "--sql-steps", "20", "--info-steps", "20", "--tota
 
 def train(script: str, argv: list, cwd) -> str:
     """Runs the script in-process as from the command line in `cwd`; returns the newest run directory there."""
-    m, old = SCRIPTS[script], os.getcwd()
+    m, old, old_argv = SCRIPTS[script], os.getcwd(), sys.argv
     os.makedirs(cwd, exist_ok=True)
     os.chdir(cwd)
+    sys.argv = [f"{script}.py"]  # the program name in error messages, as on the command line
     try:
         m.main(tyro.cli(m.Args, args=[str(a) for a in argv]))
     finally:
         os.chdir(old)
+        sys.argv = old_argv
     return max(glob.glob(os.path.join(cwd, "runs", "*")), key=os.path.getmtime)
 
 
@@ -109,7 +112,7 @@ DATASET_CASES = {  # name: (edit of a copy of the datasets, source spec, expecte
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_dataset_must_match_its_flags(script, case, tiny_data, tmp_path, monkeypatch):
     edit, source, message = DATASET_CASES[case]
-    src, tgt = v2a_iql.dataset_ids(tiny_data["env_id"], tiny_data["source"], 3000, 1000)
+    src, tgt = data_gen.dataset_ids(tiny_data["env_id"], tiny_data["source"], 3000, 1000)
     if edit:
         path = shutil.copytree(tiny_data["minari_path"], tmp_path / "minari")
         edit(path, src, tgt)
@@ -284,7 +287,7 @@ def test_help_describes_the_run(script):
                           env=dict(os.environ, COLUMNS="200"))
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    for needle in [*v2a_iql.SUPPORTED_ENV_IDS, f"python {script}.py --env-id Hopper-v4", "6-7 hours", "2-core CPU",
+    for needle in [*data_gen.SUPPORTED_ENV_IDS, f"python {script}.py --env-id Hopper-v4", "6-7 hours", "2-core CPU",
                    "--repr-steps 5000 --sql-steps 30000 --total-steps 100000"]:
         assert needle in text, needle
 

@@ -1,0 +1,539 @@
+# Plumbing shared by v2a_iql.py and v2a_td3bc.py: flag and dataset checks, checkpoints that can be trusted, the
+# training loop's logging, evaluation and timing. The method itself (networks, losses, stages) is in each script;
+# nothing here changes what a run computes. docs: docs/v2a_iql.md ("Files")
+import glob
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import minari
+import numpy as np
+import torch
+import torch._inductor.config
+import torch.nn as nn
+import torch.utils.flop_counter
+from minari.storage import get_dataset_path
+from torch.utils.tensorboard import SummaryWriter
+
+import data_gen
+from data_gen import DEFAULT_SOURCES, MAX_DATASET_TRANSITIONS, QUALITIES, SUPPORTED_ENV_IDS, one_line, size_tag
+
+__all__ = ["DEFAULT_SOURCES", "MAX_DATASET_TRANSITIONS", "QUALITIES", "SUPPORTED_ENV_IDS", "one_line", "size_tag"]
+# re-exported: the scripts use data_gen.py's grammar, defaults and ids, not a copy
+
+
+def fail(msg: str):
+    """One line on stderr, no traceback, prefixed with the program's name as argparse does."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {msg}")
+
+
+def parse_source(spec: str) -> list[tuple[str, str, float]]:
+    """`domain:quality[:weight]` entries -> [(domain, quality, weight)], data_gen.py's grammar and messages."""
+    try:
+        return data_gen.parse_source(spec)
+    except data_gen.DataGenError as e:
+        fail(str(e))
+
+
+def dataset_ids(env_id: str, source: str, source_size: int, target_size: int) -> tuple[list[str], str]:
+    """data_gen.py's Minari ids of the source datasets and of the target dataset that the flags name."""
+    parse_source(source)  # a malformed --source: one line, with this program's name
+    return data_gen.dataset_ids(env_id, source, source_size, target_size)
+
+
+# ---- Datasets: Minari episodes -> one device matrix of rows [s, a, r, s', d], source rows first, then target rows --
+def expected_generation(args) -> dict[str, dict]:
+    """Dataset id -> the generation record data_gen.py stores in it, as the flags imply it (source ids first, the
+    target last). The data seed is not a flag here: it is recorded in args.json, not compared."""
+    src_ids, tgt_id = dataset_ids(args.env_id, args.source, args.source_size, args.target_size)
+    entries = parse_source(args.source)
+    total = sum(w for _, _, w in entries)
+    rec = lambda dom, q, n, mix: dict(env_id=args.env_id, domain=dom, quality=q, transitions=n, mixture=mix)
+    return {**{i: rec(d, q, int(args.source_size * w / total), args.source) for i, (d, q, w) in zip(src_ids, entries)},
+            tgt_id: rec("nominal", "medium", args.target_size, None)}
+
+
+def split(x: torch.Tensor, ds: int, da: int):
+    return x[..., :ds], x[..., ds : ds + da], x[..., ds + da], x[..., ds + da + 1 : 2 * ds + da + 1], x[..., -1]
+
+
+def flatten(ds, max_len: int = 1000):
+    """Episodes -> rows [s, a, r, s', terminated] and trajectory lengths (episodes cut every max_len steps)."""
+    rows, lens = [], []
+    for ep in ds.iterate_episodes():
+        o, T = ep.observations, len(ep.actions)
+        rows.append(np.concatenate([o[:-1], ep.actions, ep.rewards[:, None], o[1:], ep.terminations[:, None]], 1))
+        lens.append([min(max_len, T - k) for k in range(0, T, max_len)])
+    return np.concatenate(rows).astype(np.float32), lens
+
+
+def regenerate_hint(args) -> str:
+    return (f"regenerate it with python data_gen.py --env-id {args.env_id} --source '{args.source}' --source-size "
+            f"{args.source_size} --target-size {args.target_size} --overwrite, or set MINARI_DATASETS_PATH to another "
+            f"folder")
+
+
+def open_dataset(ds_id: str, expected: dict, args):
+    """Loads one dataset and checks its stored generation record against what the flags imply."""
+    try:
+        ds = minari.load_dataset(ds_id)
+        record = json.loads(ds.storage.metadata.get("v2a_generation", "null"))
+    except Exception as e:
+        fail(f"dataset {ds_id} cannot be loaded ({one_line(e)}); {regenerate_hint(args)}")
+    if not isinstance(record, dict):
+        fail(f"dataset {ds_id} has no generation record (data_gen.py did not make it); {regenerate_hint(args)}")
+    if diff := [f"{k} {record.get(k)!r} (the flags imply {v!r})" for k, v in expected.items() if record.get(k) != v]:
+        fail(f"dataset {ds_id} was generated with other arguments: {', '.join(diff)}; {regenerate_hint(args)}")
+    return ds, record
+
+
+def run_data_gen(args, missing: list[str]):
+    """data_gen.py as a child in its own process group, stopped with it when this process ends early (SIGINT, SIGTERM,
+    an error); the child's one-line error becomes this script's."""
+    print(f"datasets missing ({', '.join(missing)}): running data_gen.py", flush=True)
+    cmd = [sys.executable, "data_gen.py", "--env-id", args.env_id, "--source", args.source,
+           "--source-size", str(args.source_size), "--target-size", str(args.target_size)]
+    def stop(signum, _frame):
+        fail(f"{signal.Signals(signum).name} while data_gen.py was generating the datasets: stopped it, trained nothing")
+    handlers, child = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}, None
+    try:
+        child = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)  # its own group: a terminal's Ctrl-C reaches this process only
+        err = child.communicate()[1]
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if child is not None and child.poll() is None:
+            os.killpg(child.pid, signal.SIGINT)  # data_gen.py then removes its staging folder
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+    if child.returncode != 0:
+        errors = [line for line in err.splitlines() if line.startswith("data_gen.py: error: ")]
+        sys.stderr.write("" if errors else err)  # no one-line error: a crash, whose traceback the user needs
+        fail(errors[-1] if errors else f"data_gen.py exited with status {child.returncode}")
+
+
+def load_data(args, device: torch.device) -> dict:
+    """Checks the datasets the flags name (runs data_gen.py for missing ones), checks the spaces, and moves everything
+    to the device once."""
+    expected = expected_generation(args)
+    (*src_ids, tgt_id), present = list(expected), lambda i: os.path.exists(os.path.join(get_dataset_path(i), "data"))
+    opened = {i: open_dataset(i, expected[i], args) for i in expected if present(i)}  # before any generation
+    if missing := [i for i in expected if i not in opened]:
+        if not args.generate:
+            fail(f"missing datasets {', '.join(missing)} under {get_dataset_path()} (run data_gen.py, or drop --no-generate)")
+        run_data_gen(args, missing)
+        opened.update({i: open_dataset(i, expected[i], args) for i in missing})
+    def read(ds_id):
+        try:
+            ds = opened[ds_id][0]
+            return flatten(ds), list(ds.storage.get_episode_metadata(range(ds.total_episodes)))
+        except Exception as e:
+            fail(f"dataset {ds_id} cannot be read ({one_line(e)}); {regenerate_hint(args)}")
+    tgt_ds = opened[tgt_id][0]
+    rows, lens, labels = [], [], []
+    for ds_id, (dom, qual, _) in zip(src_ids, parse_source(args.source)):
+        ds = opened[ds_id][0]
+        if ds.observation_space != tgt_ds.observation_space or ds.action_space != tgt_ds.action_space:
+            fail(f"the spaces of {ds_id} ({ds.observation_space}, {ds.action_space}) differ from the target's "
+                 f"({tgt_ds.observation_space}, {tgt_ds.action_space})")
+        (x, ep_lens), metas = read(ds_id)
+        rows.append(x)
+        for ep_len, meta in zip(ep_lens, metas):
+            opts = meta.get("options") or {}  # domain/quality: for diagnostics only, the learner never reads them
+            lens += ep_len
+            labels += [(opts.get("domain", dom), opts.get("quality", qual))] * len(ep_len)
+    ((tgt_x, _), _), (doms, quals) = read(tgt_id), zip(*labels)
+    dom_names, qual_names = sorted(set(doms)), sorted(set(quals))
+    t = lambda v, dtype=torch.long: torch.as_tensor(np.asarray(v), dtype=dtype, device=device)
+    traj_len, src_x = t(lens), np.concatenate(rows)
+    return dict(data=t(np.concatenate([src_x, tgt_x]), torch.float32), n_src=len(src_x), n_tgt=len(tgt_x), tgt_ds=tgt_ds,
+                ds=tgt_ds.observation_space.shape[0], da=tgt_ds.action_space.shape[0], traj_len=traj_len,
+                traj_start=torch.cumsum(traj_len, 0) - traj_len,
+                traj_id=torch.repeat_interleave(torch.arange(len(lens), device=device), traj_len),
+                dom=t([dom_names.index(x) for x in doms]), qual=t([qual_names.index(x) for x in quals]),
+                dom_names=dom_names, qual_names=qual_names, records={i: opened[i][1] for i in expected})
+
+
+# ---- Run integrity: --resume and --reuse-stages load only what the current flags would compute ----------------------
+NEW_FLAG_DEFAULTS = {"dynamics_score": "contrastive"}  # flags added after runs were made: absent reads as this default
+RESUME_FREE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "generate", "log_freq", "resume",
+               "reuse_stages", "bench", "compile", "total_steps")  # flags that do not change results (--total-steps may grow)
+
+
+def differences(old, new, prefix: str = "") -> list[str]:
+    """'path old (now new)' for every leaf where two nested dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in dict.fromkeys([*old, *new])
+                for d in differences(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")]
+    short = lambda x: "{...}" if isinstance(x, dict) else x if x == "<absent>" else repr(x)[:80]
+    return [] if old == new else [f"{prefix[:-1]} {short(old)} (now {short(new)})"]
+
+
+def check_resume(args, script: str):
+    """--resume: the run must be one of this script's, made with the same flags apart from RESUME_FREE and a larger
+    --total-steps; it loads its stages 1-4 from where it loaded them (its --reuse-stages)."""
+    path = os.path.join(args.resume, "args.json")
+    try:
+        with open(path) as fh:
+            old = json.load(fh)
+    except (OSError, ValueError) as e:
+        fail(f"--resume {args.resume}: cannot read {path} ({one_line(e)}); give a run directory made by {script}")
+    made_by = old.get("script", f"{old.get('exp_name')}.py")
+    if made_by != script:
+        fail(f"--resume {args.resume}: that run was made by {made_by}; resume it with python {made_by} --resume ...")
+    diff = [d for k, v in json.loads(json.dumps(vars(args))).items() if k not in RESUME_FREE
+            for d in differences(old.get(k, NEW_FLAG_DEFAULTS.get(k, "<absent>")), v, f"--{k.replace('_', '-')}.")]
+    if args.total_steps < old.get("total_steps", 0):
+        diff.append(f"--total-steps {old['total_steps']} (now {args.total_steps}; it may only grow)")
+    if diff:
+        fail(f"--resume {args.resume} was made with other flags: {', '.join(diff)}; pass that run's flags")
+    args.reuse_stages = old.get("reuse_stages")
+    if args.reuse_stages and not os.path.isdir(args.reuse_stages):
+        fail(f"--resume {args.resume} loads its stages 1-4 from {args.reuse_stages}, which is not a directory any more")
+
+
+def read_checkpoint(path: str, key: dict, dev: torch.device, hint: str) -> dict:
+    try:
+        ck = torch.load(path, map_location=dev, weights_only=False)
+    except Exception as e:
+        fail(f"{path} cannot be read ({one_line(e)}): it is truncated or corrupt; delete it to train its stage again")
+    if not isinstance(ck, dict) or "key" not in ck:
+        fail(f"{path} holds no stage key (an older version of this script wrote it): train its stage again")
+    if diff := differences(ck["key"], key):
+        fail(f"{path} was trained with other settings: {'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}; {hint}")
+    return ck
+
+
+def load_checkpoints(args, stages, keys: dict, dev: torch.device) -> dict:
+    """Stage -> (path, checkpoint) of what this run continues from, each read and checked against its key before
+    anything is written: stages 1-5 of --resume (stages 1-4 also from the run it reused), stages 1-4 of --reuse-stages
+    (all that the variant needs)."""
+    cks, hints = {}, {args.resume: "resume with the datasets and flags it was made with (only --total-steps may grow)",
+                      args.reuse_stages: "reuse a run of the same datasets, seed and stage settings"}
+    find = lambda folder, k: folder and os.path.exists(os.path.join(folder, f"stage{k}.pt"))
+    if args.reuse_stages and not args.resume and (absent := [k for k in stages if not find(args.reuse_stages, k)]):
+        fail(f"--reuse-stages {args.reuse_stages} has no stage{absent[0]}.pt, which the {args.variant} variant needs")
+    for k in (*stages, 5):
+        if folder := next((f for f in (args.resume, args.reuse_stages if k <= 4 else None) if find(f, k)), None):
+            path = os.path.join(folder, f"stage{k}.pt")
+            cks[k] = path, read_checkpoint(path, keys[k], dev, hints[folder])
+    return cks
+
+
+STAGE_TAGS = ((0, "hyperparameters"), (1, "repr/rec_loss"), (1, "repr/kl"), (2, "repr/domain_probe_acc"),
+              (3, "losses/sql_"), (4, "losses/info_loss"), (4, "dynamics/"))  # tag prefix -> its stage; others: 5
+
+
+def cut_events(run_dir: str, keep: dict):
+    """--resume: drop from the run's TensorBoard event files what this process logs again (steps after stage 5's
+    checkpoint, every step of a stage that runs again, the hyperparameter text), so each (tag, step) is logged once."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    stage = lambda tag: next((k for k, prefix in STAGE_TAGS if tag.startswith(prefix)), 5)
+    for path in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+        records = list(RawEventFileLoader(path).Load())
+        kept = [r for r, e in ((r, Event.FromString(r)) for r in records)
+                if all(e.step <= keep[stage(v.tag)] for v in e.summary.value)]
+        if len(kept) < len(records):
+            with open(path + ".tmp", "wb") as fh:
+                for r in kept:
+                    RecordWriter(fh).write(r)
+            os.replace(path + ".tmp", path)
+
+
+# ---- Loop pieces shared by the stages -----------------------------------------------------------------------------
+def run_stage(name, steps, step_fn, tags, writer, log_every, start=0, sps_tag=None, must_log=None, after_step=None):
+    """Calls step_fn(i) for i = start+1..steps. The stacked losses stay on the device and are read (one host sync)
+    every `log_every` steps, at the last step and where must_log(i); a non-finite loss stops the run there."""
+    acc, last, t0, t_last = 0.0, start, time.time(), time.time()
+    for i in range(start + 1, steps + 1):
+        acc = acc + step_fn(i)
+        if i % log_every == 0 or i == steps or (must_log and must_log(i)):
+            vals = (acc / (i - last)).tolist()
+            if not all(map(math.isfinite, vals)):
+                fail(f"non-finite loss in {name} at step {i} ({dict(zip(tags, vals))}); nothing after the last "
+                     f"checkpoint of this stage was saved")
+            for tag, v in zip(tags, vals):
+                writer.add_scalar(tag, v, i)
+            sps, now = (i - last) / (time.time() - t_last), time.time()
+            if sps_tag:
+                writer.add_scalar(sps_tag, sps, i)
+            print(f"[{name}] {i}/{steps}  {sps:.1f} it/s  ETA {(steps - i) * (now - t0) / (i - start) / 60:.1f} min  "
+                  + "  ".join(f"{tag.split('/')[-1]} {v:.4g}" for tag, v in zip(tags, vals)), flush=True)
+            acc, last = 0.0, i
+        if after_step:
+            after_step(i)
+        if last == i:
+            t_last = time.time()  # the time of logging, diagnostics and evaluation is not training time
+
+
+def evaluate(policy, env, episodes: int, seed: int) -> np.ndarray:
+    """Undiscounted returns of deterministic episodes; `policy` maps a CPU observation to an action in [-1, 1]."""
+    returns = []
+    for ep in range(episodes):
+        (obs, _), done, ret = env.reset(seed=seed + ep), False, 0.0
+        while not done:
+            with torch.no_grad():
+                a = policy(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+            obs, r, term, trunc, _ = env.step(a * env.action_space.high)
+            ret, done = ret + float(r), term or trunc
+        returns.append(ret)
+    return np.array(returns)
+
+
+def optimize(opt, loss: torch.Tensor, params: Optional[list] = None, clip=None) -> torch.Tensor:
+    """zero_grad -> backward into `params` only (all leaves if None) -> optional grad-norm clip -> step. `opt` may be
+    a list of optimizers whose losses were summed into `loss` (exact when the losses share no parameter)."""
+    opts = opt if isinstance(opt, list) else [opt]
+    for o in opts:
+        o.zero_grad()
+    loss.backward(inputs=params)
+    if clip is not None:
+        nn.utils.clip_grad_norm_(params, clip)
+    for o in opts:
+        o.step()
+    return loss.detach()
+
+
+def compiled(fn, args, dev: torch.device):
+    """`fn` (a forward pass to a loss) compiled by torch.compile when --compile: inductor fuses the elementwise work of
+    the forward and, through AOTAutograd, of the backward around the matmuls; the optimizer steps stay eager (fused
+    Adam: one kernel each). On CUDA, mode reduce-overhead replays the forward and the backward as CUDA graphs. Compiled
+    code draws the same random numbers as eager code (fallback_random)."""
+    if not args.compile:
+        return fn
+    torch._inductor.config.fallback_random = True
+    return torch.compile(fn, dynamic=False, mode="reduce-overhead" if dev.type == "cuda" else None)
+
+
+def bench_stage(name: str, step_fn, steps: int, warmup: int = 20, matmul_gflops: float = 0.0):
+    """Print the rate of `step_fn` over a timed window after `warmup` calls (compilation happens there), and the
+    achieved GFLOP/s (FLOPs counted on one eager call by FlopCounterMode) against the measured matmul rate."""
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        out = step_fn(i + 1)
+    out.tolist()  # waits for the device
+    t1 = time.perf_counter()
+    for i in range(steps):
+        out = step_fn(warmup + i + 1)
+    out.tolist()
+    dt = time.perf_counter() - t1
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
+        step_fn(warmup + steps + 1)
+    gflop = counter.get_total_flops() / 1e9
+    roof = f" = {100 * gflop * steps / dt / matmul_gflops:.0f} % of the matmul rate" if matmul_gflops else ""
+    print(f"bench {name}: {steps / dt:.1f} steps/s ({1000 * dt / steps:.2f} ms/step; warm-up {t1 - t0:.1f} s); "
+          f"{gflop:.3f} GFLOP/step, {gflop * steps / dt:.0f} GFLOP/s{roof}", flush=True)
+
+
+def matmul_rate(dev: torch.device, m: int = 192, k: int = 256, n: int = 256, seconds: float = 1.0) -> float:
+    """GFLOP/s of an fp32 [m, k] x [k, n] matmul, the largest shape of the stage-5 update: the roofline reference."""
+    a, b, reps = torch.randn(m, k, device=dev), torch.randn(k, n, device=dev), 0
+    (a @ b).sum().item()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(100):
+            c = a @ b
+        c.sum().item()
+        reps += 100
+    return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+
+
+def save(obj: dict, path: str):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: an interrupted save leaves the previous checkpoint intact
+
+
+# ---- Diagnostics of the method at work (the paper's Fig. 2): z per domain, the dynamics score per domain ------------
+def score_diagnostics(c: torch.Tensor, d: dict, writer: SummaryWriter):
+    """The OT score per source domain and per domain-quality (mean, and a histogram of each): a dynamics score should
+    rank the source domains by their distance to the target (§10)."""
+    c, tid = c.cpu(), d["traj_id"].cpu()
+    dom, qual = d["dom"].cpu()[tid], d["qual"].cpu()[tid]
+    means = {}
+    for k, name in enumerate(d["dom_names"]):
+        if (m := dom == k).any():
+            means[name] = c[m].mean().item()
+            writer.add_scalar(f"dynamics/ot_score_mean/{name}", means[name], 0)
+    for i, j in [(i, j) for i in range(len(d["dom_names"])) for j in range(len(d["qual_names"]))]:
+        if (m := (dom == i) & (qual == j)).any():
+            writer.add_histogram(f"dynamics/ot_score/{d['dom_names'][i]}-{d['qual_names'][j]}", c[m], 0)
+    print("[stage 4 OT score] mean per source domain (higher: closer to the target): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in sorted(means.items(), key=lambda kv: -kv[1])), flush=True)
+
+
+def z_diagnostics(z: torch.Tensor, d: dict, writer: SummaryWriter, seed: int):
+    """Held-out (20 % of trajectories) nearest-centroid probe of the domain label on z, as balanced accuracy (mean
+    per-domain recall, chance 1/#domains), and a projector embedding of z labelled domain/quality."""
+    z, dom, qual, n_dom = z.cpu(), d["dom"].cpu(), d["qual"].cpu(), len(d["dom_names"])
+    perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))
+    test, train = perm[: max(1, len(z) // 5)], perm[max(1, len(z) // 5) :]
+    cents = torch.stack([z[train][dom[train] == k].mean(0) for k in range(n_dom)]).nan_to_num(1e6)
+    pred = torch.cdist(z[test], cents).argmin(1)
+    acc = float(np.mean([(pred[dom[test] == k] == k).float().mean() for k in range(n_dom) if (dom[test] == k).any()]))
+    writer.add_scalar("repr/domain_probe_acc", acc, 0)
+    print(f"[stage 2 relabel] {len(z)} trajectories; held-out domain probe acc {acc:.3f} (chance {1 / n_dom:.3f})")
+    sel = torch.cat([perm[dom[perm] == k][: 2000 // n_dom] for k in range(n_dom)])  # balanced subsample
+    labels = [f"{d['dom_names'][dom[i]]}/{d['qual_names'][qual[i]]}" for i in sel.tolist()]
+    writer.add_embedding(z[sel], metadata=labels, tag="z")
+
+
+# ---- The context every stage of a run reads ------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What every stage needs: the flags, the data (load_data), the device, the run directory and its TensorBoard
+    writer, each stage's key (what determined its result), the checkpoints this run continues from (stage ->
+    (path, checkpoint), from load_checkpoints), the variant's stages before stage 5, the paper's row (e.g. v2a-otdf)
+    and under --bench the machine's matmul rate."""
+
+    args: object
+    d: dict
+    dev: torch.device
+    dir: str
+    writer: SummaryWriter
+    keys: dict
+    loaded: dict
+    stages: tuple
+    row: str
+    mm_rate: float = 0.0
+
+    @property
+    def bench(self) -> bool:
+        return self.args.bench > 0
+
+    def checkpoint(self, k: int) -> Optional[dict]:
+        """Stage k's checkpoint from this run (--resume) or, for k <= 4, from the --reuse-stages run (both checked
+        against the stage's key before anything ran); None: the stage runs."""
+        if k in self.loaded:
+            print(f"[stage {k}] loaded {self.loaded[k][0]}", flush=True)
+            return self.loaded[k][1]
+
+    def save(self, k: int, **state):
+        """Stage k's checkpoint, with its key, in the run directory."""
+        save(dict(state, key=self.keys[k]), os.path.join(self.dir, f"stage{k}.pt"))
+
+    def adam(self, params, **kwargs) -> torch.optim.Adam:
+        return torch.optim.Adam(params, **{"lr": self.args.learning_rate, "fused": True, **kwargs})
+
+    def bf16(self):
+        """--bf16: bf16 autocast of the TC-ELBO decoder and of the stage-5 losses; otherwise float32 (a no-op)."""
+        return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.args.bf16)
+
+    def train(self, name: str, steps: int, step_fn, tags: list, log_every: int, bench_steps: int, warmup: int) -> bool:
+        """Stage training: step_fn(i) for i = 1..steps with logging (run_stage). Under --bench it times `bench_steps`
+        steps after `warmup` instead (bench_stage) and returns False: nothing trained to save."""
+        if self.bench:
+            bench_stage(name, step_fn, bench_steps, warmup, self.mm_rate)
+            return False
+        run_stage(name, steps, step_fn, tags, self.writer, log_every)
+        return True
+
+
+def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys: dict, row: str, hparams: dict) -> Run:
+    """The checkpoints this run continues from (each checked against its stage key before anything is written), then
+    the run directory runs/<env>__<exp>__<row>__<seed>__<time> (or --resume's; a temporary one under --bench), its
+    TensorBoard writer and args.json: the flags, `hparams` and the datasets' generation records."""
+    bench = args.bench > 0
+    mm_rate = matmul_rate(dev) if bench else 0.0
+    if bench:
+        print(f"bench: device {dev}, {torch.get_num_threads()} threads, fp32 192x256x256 matmul {mm_rate:.0f} GFLOP/s; "
+              f"stages are timed on untrained networks", flush=True)
+    print(f"data: {d['n_src']} source transitions in {len(d['traj_len'])} trajectories ({', '.join(d['dom_names'])}), "
+          f"{d['n_tgt']} target transitions; device {dev}", flush=True)
+    loaded = {} if bench else load_checkpoints(args, stages, keys, dev)
+    run_dir = (args.resume.rstrip("/") if args.resume else tempfile.mkdtemp(prefix="v2a_bench_") if bench
+               else f"runs/{args.env_id}__{args.exp_name}__{row}__{args.seed}__{int(time.time())}")
+    if args.resume:  # what this process computes again is logged again: drop it from the event files first
+        cut_events(run_dir, {0: -1, **{k: math.inf if k in loaded else -1 for k in (1, 2, 3, 4)},
+                             5: loaded[5][1]["step"] if 5 in loaded else -1})
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=os.path.basename(run_dir), save_code=True)
+    writer = SummaryWriter(run_dir)
+    hparams = {**vars(args), "script": script, **hparams, "device": str(dev), "datasets": d["records"]}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hparams.items()))
+    with open(os.path.join(run_dir, "args.json"), "w") as fh:
+        json.dump(hparams, fh, indent=1)
+    return Run(args, d, dev, run_dir, writer, keys, loaded, stages, row, mm_rate)
+
+
+# ---- Stage 5's loop, the same for every backbone ------------------------------------------------------------------
+class Learner(NamedTuple):
+    """A stage-5 backbone: its networks, optimizers and lr schedules (checkpointed), the names of the losses that
+    `step(i)` returns stacked, and `policy()`, a CPU copy of the deterministic policy for evaluation."""
+
+    nets: dict
+    opts: list
+    scheds: list
+    loss_tags: list
+    step: Callable[[int], torch.Tensor]
+    policy: Callable[[], Callable]
+
+
+def train_policy(run: Run, learner: Learner, name: str, diagnostics: Optional[Callable] = None):
+    """Runs learner.step for --total-steps steps (continuing a --resume checkpoint); every --eval-freq steps and
+    after the last: evaluation in the target env and a checkpoint of the whole state (networks, optimizers, RNGs).
+    diagnostics(step, generator), if given, runs at every log and evaluation step with its own RNG, so that training
+    is the same for any --log-freq. Writes results.json: the (step, return, normalized score) of every evaluation."""
+    args, dev = run.args, run.dev
+    if run.bench:
+        bench_stage(f"stage 5 {name} updates ({'compiled' if args.compile else 'eager'})", learner.step,
+                          args.bench, 100, run.mm_rate)
+        return
+    diag_gen = torch.Generator(device=dev).manual_seed(args.seed)  # its own RNG: training is the same for any --log-freq
+    start, evals = 0, []
+    if (ck := run.checkpoint(5)) is not None:
+        for key, net in learner.nets.items():
+            net.load_state_dict(ck[key])
+        for opt, state in zip(learner.opts, ck["opts"]):
+            opt.load_state_dict(state)
+        for sched, state in zip(learner.scheds, ck["scheds"]):
+            sched.load_state_dict(state)
+            sched.T_max = args.total_steps  # a finished run can be extended with a larger --total-steps
+        setters = (torch.set_rng_state, np.random.set_state, random.setstate, torch.cuda.set_rng_state_all)
+        for set_state, state in zip(setters, ck["rng"]):
+            if state is not None:
+                set_state(state)
+        diag_gen.set_state(ck["diag_rng"])
+        start, evals = ck["step"], ck["evals"]
+        print(f"[stage 5] resuming from step {start}", flush=True)
+    eval_env = run.d["tgt_ds"].recover_environment(eval_env=True)
+    is_eval_step = lambda i: i % args.eval_freq == 0 or i == args.total_steps
+
+    def after_step(step: int):  # run_stage has just read (and checked) the losses if step % log_freq == 0 or eval step
+        if diagnostics and (step % args.log_freq == 0 or is_eval_step(step)):
+            diagnostics(step, diag_gen)
+        if is_eval_step(step):
+            returns = evaluate(learner.policy(), eval_env, args.eval_episodes, args.seed + 10_000)
+            score = float(np.mean(minari.get_normalized_score(run.d["tgt_ds"], returns)) * 100)
+            run.writer.add_scalar("eval/return", returns.mean(), step)
+            run.writer.add_scalar("eval/normalized_score", score, step)
+            evals.append((step, float(returns.mean()), score))
+            print(f"[eval] step {step}: return {returns.mean():.1f} +- {returns.std():.1f}, normalized score {score:.1f}")
+            rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+                   torch.cuda.get_rng_state_all() if dev.type == "cuda" else None)
+            run.save(5, step=step, **{k: net.state_dict() for k, net in learner.nets.items()}, rng=rng, evals=evals,
+                     opts=[o.state_dict() for o in learner.opts], scheds=[s.state_dict() for s in learner.scheds],
+                     diag_rng=diag_gen.get_state())
+
+    run_stage(f"stage 5 {name}", args.total_steps, learner.step, learner.loss_tags, run.writer, args.log_freq,
+              start=start, sps_tag="charts/SPS", must_log=is_eval_step, after_step=after_step)
+    if evals:
+        with open(os.path.join(run.dir, "results.json"), "w") as fh:  # (step, return, normalized score) per evaluation
+            json.dump({"variant": args.variant, "dynamics_score": args.dynamics_score, "row": run.row,
+                       "final_normalized_score": evals[-1][2], "evals": evals}, fh, indent=1)
+        print(f"done: {run.dir}  final (last, not best) normalized score {evals[-1][2]:.1f}", flush=True)
+    eval_env.close()
