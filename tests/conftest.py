@@ -4,6 +4,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+torch.set_num_threads(1)  # one thread per test process: `-n auto` runs one process per core
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(env_id="Hopper-v4", source="torso-hard:random,gravity-0.5:expert,legjnt-hard:medium",

@@ -81,8 +81,8 @@ def test_chunked_subsampled_scores_agree_with_exact():
 
 
 # ---- end to end: the three OT rows in both files, and --reuse-stages ------------------------------------------------
-@pytest.mark.parametrize("script", ["v2a_iql", "v2a_td3bc"])
-@pytest.mark.parametrize("row", OT_ROWS)
+# every row with IQL; TD3+BC (the same code outside its backbone, test_files_identical_outside_backbone) with V2A-OTDF
+@pytest.mark.parametrize("row,script", [(row, "v2a_iql") for row in OT_ROWS] + [("v2a-otdf", "v2a_td3bc")])
 def test_ot_rows_end_to_end_and_reuse(script, row, tiny_data, tmp_path):
     from test_v2a import TINY_BUDGETS, run
     variant = OT_ROWS[row]
