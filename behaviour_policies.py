@@ -128,16 +128,19 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
             os.replace(state_path + ".tmp", state_path)
     if not checkpoints:
         raise DataGenError("--policy-steps must be at least --policy-eval-freq")
-    # Expert: best checkpoint among the top 3 after a 10-episode re-evaluation; medium: closest to 40% of it.
+    # Expert: best checkpoint among the top 3 after a 10-episode re-evaluation. Medium: of the 5 checkpoints whose
+    # 5-episode return is closest to 40 % of the expert's, the one whose 10-episode re-evaluation is closest (one
+    # lucky 5-episode mean of an erratic checkpoint does not decide). A finished run's training state, put back
+    # beside the policy file, makes the same command select again without training.
     def reeval(sd):
         a = Actor(obs_dim, act_dim)
         a.load_state_dict(sd)
         return evaluate_policy(eval_env, a, 10, seed=20_000)
     top = sorted(checkpoints, key=lambda c: -c[1])[:3]
-    scored = [(reeval(c[2]), c) for c in top]
-    expert_rets, expert = max(scored, key=lambda x: x[0].mean())
-    medium = min(checkpoints, key=lambda c: abs(c[1] - 0.4 * expert_rets.mean()))
-    medium_rets = reeval(medium[2])
+    expert_rets, expert = max(((reeval(c[2]), c) for c in top), key=lambda x: x[0].mean())
+    target_return = 0.4 * expert_rets.mean()
+    near = sorted(checkpoints, key=lambda c: abs(c[1] - target_return))[:5]
+    medium_rets, medium = min(((reeval(c[2]), c) for c in near), key=lambda x: abs(x[0].mean() - target_return))
     record = {"env_id": args.env_id, "domain": domain, "sac_steps": n, "seed": args.seed,
               "expert": {"step": expert[0], "state_dict": expert[2], "return_mean": float(expert_rets.mean()),
                          "return_std": float(expert_rets.std())},
