@@ -31,6 +31,7 @@ ROW_NAMES = {("igdf", "contrastive"): "igdf", ("dvdf", "contrastive"): "dvdf", (
 # max-scaled cost (ott-jax 0.4.5's default, which OTDF uses), OTDF's 10,000-row source chunks, a 5,000-row target subsample
 OT_THRESHOLD, OT_ITERS, OT_EPS, OT_CHUNK, OT_TARGET = 1e-9, 100, 0.05, 10_000, 5_000
 REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP, SQL_BATCH = 16, 200, 1e-3, 10.0, 256  # docs/specification.md §7.1
+PROBE_TRAJ = 500  # trajectories of the domain probe logged during stage 1 (repr/stage1_domain_probe_acc)
 
 
 @dataclass
@@ -418,20 +419,32 @@ def train_encoder(run: Run) -> Optional[TrajectoryEncoder]:
         rec_m = optimize(dec_opt, rec_m, list(decoder.parameters()), GRAD_CLIP)
         return torch.stack([rec.detach(), kl.detach(), rec_m])
 
+    # how well z separates the domains while stage 1 trains (20 points a run): when it flattens, more iterations buy
+    # nothing. A fixed subsample of trajectories, its own RNG: the training is the same with or without it
+    probe_ids = torch.randperm(n_traj, generator=torch.Generator().manual_seed(args.seed))[:PROBE_TRAJ].to(dev)
+    probe_every = max(args.log_freq, args.repr_steps // 20)
+
+    def probe(i):
+        if i % probe_every == 0 or i == args.repr_steps:
+            acc = utils.domain_probe(relabel(encoder, d, probe_ids), d["dom"][probe_ids], len(d["dom_names"]), args.seed)
+            run.writer.add_scalar("repr/stage1_domain_probe_acc", acc, i)
+
     if run.train("stage 1 TC-ELBO", args.repr_steps, repr_step, ["repr/rec_loss", "repr/kl", "repr/rec_loss_mstep"],
-                 max(1, args.log_freq // 10), max(5, args.bench // 50), 5):
+                 max(1, args.log_freq // 10), max(5, args.bench // 50), 5, after_step=probe):
         run.save(1, encoder=encoder.state_dict(), decoder=decoder.state_dict())
     return encoder
 
 
 # ---- Stage 2: relabel each source trajectory with the posterior mean z of the full trajectory (eq. 5.2) --------------
 @torch.no_grad()
-def relabel(encoder: TrajectoryEncoder, d: dict, chunk: int = 64) -> torch.Tensor:
-    """Eq. 5.2: z_tau = posterior mean of the FULL trajectory (<= 1000 steps, no crop), one row per trajectory."""
-    z = torch.empty(len(d["traj_len"]), encoder.mu.out_features, device=d["data"].device)
-    for c in torch.argsort(d["traj_len"]).split(chunk):  # similar lengths in a chunk: little padding
-        L = d["traj_len"][c]
-        idx = d["traj_start"][c, None] + torch.minimum(torch.arange(int(L.max()), device=L.device)[None], L[:, None] - 1)
+def relabel(encoder: TrajectoryEncoder, d: dict, ids: Optional[torch.Tensor] = None, chunk: int = 64) -> torch.Tensor:
+    """Eq. 5.2: z_tau = posterior mean of the FULL trajectory (<= 1000 steps, no crop), one row per trajectory (of
+    trajectories `ids`; None: all)."""
+    ids = torch.arange(len(d["traj_len"]), device=d["data"].device) if ids is None else ids
+    z = torch.empty(len(ids), encoder.mu.out_features, device=d["data"].device)
+    for c in torch.argsort(d["traj_len"][ids]).split(chunk):  # similar lengths in a chunk: little padding
+        L = d["traj_len"][ids[c]]
+        idx = d["traj_start"][ids[c], None] + torch.minimum(torch.arange(int(L.max()), device=L.device)[None], L[:, None] - 1)
         s, a, _, s2, _ = split(d["data"][idx], d["ds"], d["da"])
         z[c] = encoder(torch.cat([s, a, s2 - s], -1), L)[0]
     return z

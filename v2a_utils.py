@@ -231,7 +231,7 @@ def load_checkpoints(args, stages, keys: dict, dev: torch.device) -> dict:
     return cks
 
 
-STAGE_TAGS = ((0, "hyperparameters"), (1, "repr/rec_loss"), (1, "repr/kl"), (2, "repr/domain_probe_acc"),
+STAGE_TAGS = ((0, "hyperparameters"), (1, "repr/rec_loss"), (1, "repr/kl"), (1, "repr/stage1_"), (2, "repr/domain_probe_acc"),
               (3, "losses/sql_"), (4, "losses/info_loss"), (4, "dynamics/"))  # tag prefix -> its stage; others: 5
 
 
@@ -374,15 +374,23 @@ def score_diagnostics(c: torch.Tensor, d: dict, writer: SummaryWriter):
           + ", ".join(f"{k} {v:.4f}" for k, v in sorted(means.items(), key=lambda kv: -kv[1])), flush=True)
 
 
-def z_diagnostics(z: torch.Tensor, d: dict, writer: SummaryWriter, seed: int):
-    """Held-out (20 % of trajectories) nearest-centroid probe of the domain label on z, as balanced accuracy (mean
-    per-domain recall, chance 1/#domains), and a projector embedding of z labelled domain/quality."""
-    z, dom, qual, n_dom = z.cpu(), d["dom"].cpu(), d["qual"].cpu(), len(d["dom_names"])
+def domain_probe(z: torch.Tensor, dom: torch.Tensor, n_dom: int, seed: int) -> float:
+    """Held-out (20 % of the rows) nearest-centroid probe of the domain label on z, as balanced accuracy (mean
+    per-domain recall, chance 1/n_dom)."""
+    z, dom = z.cpu(), dom.cpu()
     perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))
     test, train = perm[: max(1, len(z) // 5)], perm[max(1, len(z) // 5) :]
     cents = torch.stack([z[train][dom[train] == k].mean(0) for k in range(n_dom)]).nan_to_num(1e6)
     pred = torch.cdist(z[test], cents).argmin(1)
-    acc = float(np.mean([(pred[dom[test] == k] == k).float().mean() for k in range(n_dom) if (dom[test] == k).any()]))
+    return float(np.mean([(pred[dom[test] == k] == k).float().mean() for k in range(n_dom) if (dom[test] == k).any()]))
+
+
+def z_diagnostics(z: torch.Tensor, d: dict, writer: SummaryWriter, seed: int):
+    """The domain probe on the z of every trajectory (domain_probe), and a projector embedding of z labelled
+    domain/quality."""
+    z, dom, qual, n_dom = z.cpu(), d["dom"].cpu(), d["qual"].cpu(), len(d["dom_names"])
+    acc = domain_probe(z, dom, n_dom, seed)
+    perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(seed))
     writer.add_scalar("repr/domain_probe_acc", acc, 0)
     print(f"[stage 2 relabel] {len(z)} trajectories; held-out domain probe acc {acc:.3f} (chance {1 / n_dom:.3f})")
     sel = torch.cat([perm[dom[perm] == k][: 2000 // n_dom] for k in range(n_dom)])  # balanced subsample
@@ -431,13 +439,14 @@ class Run:
         """--bf16: bf16 autocast of the TC-ELBO decoder and of the stage-5 losses; otherwise float32 (a no-op)."""
         return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.args.bf16)
 
-    def train(self, name: str, steps: int, step_fn, tags: list, log_every: int, bench_steps: int, warmup: int) -> bool:
-        """Stage training: step_fn(i) for i = 1..steps with logging (run_stage). Under --bench it times `bench_steps`
-        steps after `warmup` instead (bench_stage) and returns False: nothing trained to save."""
+    def train(self, name: str, steps: int, step_fn, tags: list, log_every: int, bench_steps: int, warmup: int,
+              after_step: Optional[Callable] = None) -> bool:
+        """Stage training: step_fn(i) for i = 1..steps with logging (run_stage), after_step(i) after each step. Under
+        --bench it times `bench_steps` steps after `warmup` instead (bench_stage) and returns False: nothing trained."""
         if self.bench:
             bench_stage(name, step_fn, bench_steps, warmup, self.mm_rate)
             return False
-        run_stage(name, steps, step_fn, tags, self.writer, log_every)
+        run_stage(name, steps, step_fn, tags, self.writer, log_every, after_step=after_step)
         return True
 
 

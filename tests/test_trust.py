@@ -201,6 +201,7 @@ def test_resume_logs_every_step_once(interrupted, iql_run, tiny_data, tmp_path):
     train("v2a_iql", argv + ["--total-steps", steps, "--resume", run_dir], tmp_path)
     logged = logged_steps(run_dir)
     assert logged[("scalars", "losses/info_loss")] == [20] and logged[("scalars", "repr/rec_loss")] == [5, 10, 15, 20]
+    assert logged[("scalars", "repr/stage1_domain_probe_acc")] == [20]  # --repr-steps 20 < --log-freq: the last step
     assert logged[("scalars", "eval/return")] == list(range(50, steps + 1, 50))
     for (kind, tag), at in logged.items():
         assert len(at) == len(set(at)), f"{kind} {tag} logged twice at some step: {at}"
