@@ -534,7 +534,7 @@ def train_dynamics_score(run: Run) -> tuple[nn.Module, nn.Module, Optional[torch
             if ck["c_src"].shape != (Ns,):
                 fail(f"stage4.pt holds OT scores of {ck['c_src'].shape[0]} source rows, but the source data has {Ns}")
             return phi, psi, ck["c_src"]
-        rows = lambda x: torch.cat([x[:, : ds + da], x[:, ds + da + 1 : 2 * ds + da + 1]], 1)  # [s, a, s']
+        rows = lambda x: torch.cat([x[:, : ds + da], split(x, ds, da)[3]], 1)  # [s, a, s']
         ot_stage = lambda src: ot_scores(rows(src), rows(data[Ns:]), args.seed)
         if run.bench:
             n = min(Ns, OT_CHUNK)  # one chunk per step: the stage takes about Ns / OT_CHUNK of them
@@ -552,11 +552,10 @@ def train_dynamics_score(run: Run) -> tuple[nn.Module, nn.Module, Optional[torch
         psi.load_state_dict(ck["psi"])
         return phi, psi, None
     info_opt = run.adam([*phi.parameters(), *psi.parameters()])
-    s2_cols = slice(ds + da + 1, 2 * ds + da + 1)
 
     def info_step(i):
-        x = data[Ns + torch.randint(Nt, (B,), device=dev)]
-        enc = psi(torch.cat([x[:, s2_cols], data[torch.randint(Ns, (B - 1,), device=dev), s2_cols]]))  # one psi pass
+        x, neg = data[Ns + torch.randint(Nt, (B,), device=dev)], data[torch.randint(Ns, (B - 1,), device=dev)]
+        enc = psi(torch.cat([split(x, ds, da)[3], split(neg, ds, da)[3]]))  # one psi pass: positive s', then negatives
         return optimize(info_opt, info_nce_loss(phi(x[:, : ds + da]), enc[:B], enc[B:]))[None]
 
     if run.train("stage 4 contrastive h", args.info_steps, info_step, ["losses/info_loss"], args.log_freq, args.bench, 100):
@@ -592,7 +591,7 @@ def score_sources(run: Run, z_traj, sql_q, sql_v, phi, psi, c_src: Optional[torc
     h_src, adv_src = [], []
     for idx in torch.arange(d["n_src"], device=run.dev).split(chunk):
         x = data[idx]
-        h = c_src[idx] if c_src is not None else cosine_score(phi(x[:, : ds + da]), psi(x[:, ds + da + 1 : 2 * ds + da + 1]))
+        h = c_src[idx] if c_src is not None else cosine_score(phi(x[:, : ds + da]), psi(split(x, ds, da)[3]))
         adv = h * 0
         if 3 in run.stages:
             q_min = sql_q(with_z(z_traj, d, x[:, : ds + da], idx)).min(0).values

@@ -24,10 +24,9 @@ from minari.storage import get_dataset_path
 from torch.utils.tensorboard import SummaryWriter
 
 import data_gen
-from data_gen import DEFAULT_SOURCES, MAX_DATASET_TRANSITIONS, QUALITIES, SUPPORTED_ENV_IDS, one_line, size_tag
+from data_gen import DEFAULT_SOURCES, MAX_DATASET_TRANSITIONS, SUPPORTED_ENV_IDS, one_line
 
-__all__ = ["DEFAULT_SOURCES", "MAX_DATASET_TRANSITIONS", "QUALITIES", "SUPPORTED_ENV_IDS", "one_line", "size_tag"]
-# re-exported: the scripts use data_gen.py's grammar, defaults and ids, not a copy
+__all__ = ["DEFAULT_SOURCES", "MAX_DATASET_TRANSITIONS", "SUPPORTED_ENV_IDS"]  # re-exported: data_gen.py's, not a copy
 
 
 def fail(msg: str):
@@ -43,18 +42,12 @@ def parse_source(spec: str) -> list[tuple[str, str, float]]:
         fail(str(e))
 
 
-def dataset_ids(env_id: str, source: str, source_size: int, target_size: int) -> tuple[list[str], str]:
-    """data_gen.py's Minari ids of the source datasets and of the target dataset that the flags name."""
-    parse_source(source)  # a malformed --source: one line, with this program's name
-    return data_gen.dataset_ids(env_id, source, source_size, target_size)
-
-
 # ---- Datasets: Minari episodes -> one device matrix of rows [s, a, r, s', d], source rows first, then target rows --
 def expected_generation(args) -> dict[str, dict]:
     """Dataset id -> the generation record data_gen.py stores in it, as the flags imply it (source ids first, the
     target last). The data seed is not a flag here: it is recorded in args.json, not compared."""
-    src_ids, tgt_id = dataset_ids(args.env_id, args.source, args.source_size, args.target_size)
-    entries = parse_source(args.source)
+    entries = parse_source(args.source)  # first: a malformed --source is one line with this program's name
+    src_ids, tgt_id = data_gen.dataset_ids(args.env_id, args.source, args.source_size, args.target_size)
     total = sum(w for _, _, w in entries)
     rec = lambda dom, q, n, mix: dict(env_id=args.env_id, domain=dom, quality=q, transitions=n, mixture=mix)
     return {**{i: rec(d, q, int(args.source_size * w / total), args.source) for i, (d, q, w) in zip(src_ids, entries)},

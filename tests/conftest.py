@@ -9,6 +9,9 @@ import torch
 torch.set_num_threads(1)  # one thread per test process: `-n auto` runs one process per core
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every script a test starts is stopped after this long: a test that would run a paper-scale job (a flag or a copy gone
+# wrong) fails with subprocess.TimeoutExpired instead of holding CI until its own limit.
+SUBPROCESS_TIMEOUT = 600
 TINY = dict(env_id="Hopper-v4", source="torso-hard:random,gravity-0.5:expert,legjnt-hard:medium",
             source_size=3000, target_size=1000)
 
@@ -17,7 +20,7 @@ def run_script(script: str, *args: str, check: bool = True, cwd: str = ROOT) -> 
     """Run one of the project's scripts as a user would, with a single torch thread, in `cwd` (runs/ goes there)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -12,7 +12,7 @@ import minari
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, SUBPROCESS_TIMEOUT, TINY, run_script
 
 import data_gen as dg
 
@@ -215,7 +215,7 @@ def script_env(minari_path) -> dict:
 def run_dg(minari_path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """data_gen.py as a user runs it, with its own MINARI_DATASETS_PATH."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "data_gen.py"), *args], cwd=ROOT,
-                          env=script_env(minari_path), capture_output=True, text=True)
+                          env=script_env(minari_path), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     if check and proc.returncode != 0:
         raise AssertionError(f"data_gen.py {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -380,7 +380,8 @@ def test_recover_environment_from_another_directory(tiny_data, tmp_path):
     code = ("import minari; ds = minari.load_dataset(%r); env = ds.recover_environment(); "
             "print(env.unwrapped.model.opt.gravity[2]); print(ds.storage.metadata['description'])" % source_ids[1])
     env = {k: v for k, v in script_env(tiny_data["minari_path"]).items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, ("is the project installed (pip install -r requirements.txt)?\n" + proc.stderr)
     assert np.isclose(float(proc.stdout.split()[0]), -9.81 * 0.5)
     assert "pip install -r requirements.txt" in proc.stdout

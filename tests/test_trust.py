@@ -14,13 +14,13 @@ import time
 import pytest
 import torch
 import tyro
+from conftest import ROOT, SUBPROCESS_TIMEOUT
 
 import data_gen
 import v2a_iql
 import v2a_td3bc
 
 SCRIPTS = {"v2a_iql": v2a_iql, "v2a_td3bc": v2a_td3bc}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--repr-steps", "20", "--sql-steps", "20", "--info-steps", "20", "--total-steps", "100", "--eval-freq", "50",
         "--eval-episodes", "1", "--log-freq", "50", "--no-compile"]
 
@@ -71,7 +71,7 @@ def other_data(tiny_data, tmp_path_factory) -> str:
     env = dict(os.environ, MINARI_DATASETS_PATH=path, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     subprocess.run([sys.executable, "data_gen.py", *tiny_data["base_args"], "--seed", "5", "--overwrite",
                     "--ref-min-episodes", "5", "--ref-max-episodes", "2"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+                   capture_output=True, timeout=SUBPROCESS_TIMEOUT)
     return path
 
 
@@ -253,7 +253,9 @@ def test_signal_during_generation_stops_the_child(sig, tmp_path):
         while not kids and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
             kids = [k for k in children(proc.pid) if "data_gen.py" in open(f"/proc/{k}/cmdline").read()]
-        assert kids, f"no data_gen.py child appeared: {proc.communicate()}"
+        if not kids:
+            proc.kill()  # before reading its output: it would otherwise go on to a paper-scale generation
+            raise AssertionError(f"no data_gen.py child appeared: {proc.communicate()}")
         time.sleep(2)  # the child is busy importing or collecting
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
@@ -270,12 +272,14 @@ def test_signal_during_generation_stops_the_child(sig, tmp_path):
 
 def test_data_gen_error_is_the_trainers_error(tmp_path):
     """Without the behaviour policies (a copy of the scripts, no policies/), data_gen.py's one-line error, which says
-    how to train them, is the training script's one line."""
-    for name in ("v2a_iql.py", "data_gen.py"):
+    how to train them, is the training script's one line. Every module is copied: the script's folder comes first on
+    sys.path, so none is imported from the installed project, whose data_gen.py would find the committed policies."""
+    for name in ("v2a_iql.py", "v2a_utils.py", "data_gen.py", "behaviour_policies.py"):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "v2a_iql.py", "--env-id", "Walker2d-v4", "--source-size", "3000",
-                           "--target-size", "1000"], cwd=tmp_path, env=env, capture_output=True, text=True)
+                           "--target-size", "1000"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("v2a_iql.py: error: data_gen.py: error: ") and "behaviour polic" in proc.stderr
     assert "--train-domain" in proc.stderr
@@ -285,6 +289,7 @@ def test_data_gen_error_is_the_trainers_error(tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_describes_the_run(script):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), "--help"], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT,
                           env=dict(os.environ, COLUMNS="200"))
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())

@@ -5,20 +5,20 @@ import glob
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, run_script
 
+import data_gen
 import v2a_iql as v
 import v2a_td3bc
 import v2a_utils
 
 SCRIPTS = {"v2a_iql": v, "v2a_td3bc": v2a_td3bc}
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_BUDGETS = ["--repr-steps", "20", "--sql-steps", "20", "--info-steps", "20"]
 TINY_BUDGETS = STAGE_BUDGETS + ["--total-steps", "100", "--eval-freq", "50", "--eval-episodes", "1", "--log-freq", "50",
                                 "--no-compile"]
@@ -209,7 +209,6 @@ SOURCE_SPECS = ["a-1:expert:2,b:random", "gravity-0.5:random:1.5,torso-hard:medi
 def test_mixture_grammar_errors_are_one_line(spec, monkeypatch):
     """The training scripts read --source with data_gen.py's grammar: the same entries, or its message as one line
     prefixed with the program's name."""
-    import data_gen
     monkeypatch.setattr(sys, "argv", ["v2a_td3bc.py"])
     try:
         expected = data_gen.parse_source(spec)
@@ -223,7 +222,6 @@ def test_mixture_grammar_errors_are_one_line(spec, monkeypatch):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_default_ids_and_sources(script):
-    import data_gen
     m = SCRIPTS[script]
     assert data_gen.size_tag(30_000) == "30k" and data_gen.size_tag(30_500) == "30500"  # exact: no two sizes share an id
     src, tgt = data_gen.dataset_ids("Hopper-v4", data_gen.DEFAULT_SOURCES["Hopper"], 1_000_000, 100_000)
@@ -247,7 +245,7 @@ def test_space_mismatch_is_one_line(script, tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     monkeypatch.setattr(sys, "argv", [f"{script}.py"])  # the program name in error messages
     sizes = tiny_data["source_size"], tiny_data["target_size"]
-    bad_id = v2a_utils.dataset_ids(tiny_data["env_id"], tiny_data["source"], *sizes)[0][0]
+    bad_id = data_gen.dataset_ids(tiny_data["env_id"], tiny_data["source"], *sizes)[0][0]
     minari.delete_dataset(bad_id)
     buf = EpisodeBuffer(observations=np.zeros((11, 5)), actions=np.zeros((10, 3)), rewards=np.zeros(10),
                         terminations=np.zeros(10, bool), truncations=np.ones(10, bool))
@@ -317,12 +315,7 @@ def test_non_finite_loss_stops_the_stage():
 
 # ---- end to end ----------------------------------------------------------------------------------------------------
 def run(script, cwd, *args, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script}.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return run_script(f"{script}.py", *args, check=check, cwd=str(cwd))
 
 
 def run_variant(script, cwd, tiny_data, variant, *extra):
