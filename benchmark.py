@@ -209,6 +209,16 @@ def machine() -> dict:
     return dict(host=socket.gethostname(), cpu=cpu, cores=os.cpu_count(), cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
+def code_version(folder: str) -> Optional[str]:
+    """The git commit of the training scripts' folder, "+modified" if tracked files differ from it (None: not a git
+    work tree): recorded with every attempt, so that each exported number names the code that made it."""
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", folder, *a], capture_output=True, text=True, check=True).stdout
+        return git("rev-parse", "HEAD").strip() + ("+modified" if git("status", "--porcelain", "-uno").strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 LIVE: dict = {}  # pid -> Popen of the runs in flight in this process (stopped on Ctrl-C / SIGTERM)
 STOPPING = {"local": False}  # the local pool was interrupted: no new run starts (a dict: Ray pickles it with execute)
 
@@ -237,7 +247,8 @@ def execute(spec: dict) -> dict:
     record_path = os.path.join(run_dir, "benchmark.json")
     record = read_json(record_path) or dict(spec=spec, attempts=[])
     record["spec"] = spec
-    record["attempts"].append(dict(start=t0, end=time.time(), rc=rc, state=state, cmd=cmd, machine=machine()))
+    record["attempts"].append(dict(start=t0, end=time.time(), rc=rc, state=state, cmd=cmd, machine=machine(),
+                                   code=code_version(os.path.dirname(os.path.abspath(spec["script"])))))
     write_json(record_path, record)
     out.update(rc=rc, seconds=time.time() - t0, tail="" if rc == 0 else tail(log_path))
     if spec["export_dir"]:
@@ -462,7 +473,7 @@ def export_run(run_dir: str, dest: str, max_points: int = 250):
     write_json(os.path.join(dest, "run.json"), dict(
         spec={k: v for k, v in record.get("spec", {}).items() if k not in ("run_dir", "export_dir", "env", "script")},
         script=os.path.basename(record.get("spec", {}).get("script", "")), trainer_dir=os.path.basename(tdir),
-        attempts=[{k: a[k] for k in ("start", "end", "rc", "state", "machine")} for a in attempts],
+        attempts=[{k: a.get(k) for k in ("start", "end", "rc", "state", "machine", "code")} for a in attempts],
         wall_s=sum(a["end"] - a["start"] for a in attempts) if attempts else (max(wall) - min(wall) if wall else None)))
     for f in ("args.json", "results.json"):
         if os.path.exists(os.path.join(tdir, f)):
@@ -774,6 +785,8 @@ def setup_lines(runs: list[dict]) -> list[str]:
     machines = sorted({f"{a['machine']['host']} ({a['machine']['cpu']}, {a['machine']['cores']} cores)"
                        for r in runs for a in r["rec"].get("attempts", [])})
     L += ["Machines: " + ("; ".join(machines) or "–") + ". One CPU thread per run (OMP_NUM_THREADS=1).", ""]
+    codes = sorted({a.get("code") or "not recorded" for r in runs for a in r["rec"].get("attempts", [])})
+    L += ["Code (git commit of the training scripts at each attempt): " + (", ".join(f"`{c}`" for c in codes) or "–"), ""]
     if runs:
         L += ["| method | task | seeds (finished) | wall time per finished run, h: mean [min, max] | core-hours |",
               "|---|---|---|---|---|"]

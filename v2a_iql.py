@@ -116,6 +116,12 @@ class Args:
     """IQL expectile"""
     temperature: float = 3.0
     """IQL inverse temperature beta of the advantage-weighted actor loss"""
+    dataset_constraint: float = 0.0
+    """OTDF's dataset constraint: weight of -log beta(pi(s)|s) in the actor loss, beta a VAE fitted to the target data
+    before stage 5 (0: off, as in every row by default; OTDF: 0.5 for gravity and morphology shifts, 0.1 for kinematic
+    ones). About 6x the cost of a stage-5 step"""
+    vae_steps: int = 10_000
+    """--dataset-constraint: Adam steps that fit the target VAE before stage 5 (OTDF: 10,000)"""
     # <<< backbone
 
 
@@ -280,11 +286,73 @@ def awr_actor_loss(mean: torch.Tensor, a: torch.Tensor, u: torch.Tensor, beta: f
     return (torch.exp(beta * u).clamp(max=100.0)[:, None] * (torch.tanh(mean) - a) ** 2).mean()
 
 
+class TargetVAE(nn.Module):
+    """OTDF's model beta(a|s) of the target data's behaviour (Lyu et al. 2025): a conditional VAE, hidden 750, latent
+    2 d_a, encoder log-std clamped to [-4, 15], tanh decoder."""
+
+    def __init__(self, ds: int, da: int, hidden: int = 750):
+        super().__init__()
+        self.latent = 2 * da
+        self.encoder = nn.Sequential(nn.Linear(ds + da, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, 2 * self.latent))  # [mean, log_std] of q(z|s,a)
+        self.decoder = nn.Sequential(nn.Linear(ds + self.latent, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                     nn.ReLU(), nn.Linear(hidden, da), nn.Tanh())
+
+    def posterior(self, s: torch.Tensor, a: torch.Tensor):
+        mean, log_std = self.encoder(torch.cat([s, a], -1)).chunk(2, -1)
+        return mean, log_std.clamp(-4, 15).exp()
+
+    def loss(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """OTDF's VAE loss: squared reconstruction error + 0.5 KL(q(z|s,a) || N(0, I)), both means."""
+        mean, std = self.posterior(s, a)
+        recon = self.decoder(torch.cat([s, mean + std * torch.randn_like(std)], -1))
+        kl = -0.5 * (1 + 2 * std.log() - mean**2 - std**2).mean()
+        return F.mse_loss(recon, a) + 0.5 * kl
+
+    def log_beta(self, s: torch.Tensor, a: torch.Tensor, samples: int = 10, var: float = 0.1) -> torch.Tensor:
+        """OTDF's estimate of log beta(a|s): logsumexp over `samples` draws z ~ q(z|s,a) of log N(a; dec(s,z), var I)
+        (var = 0.4/4 as OTDF's; like OTDF's, no importance weights p(z)/q(z|s,a))."""
+        mean, std = self.posterior(s, a)
+        z = mean[:, None] + std[:, None] * torch.randn(len(s), samples, self.latent, device=s.device)
+        dec = self.decoder(torch.cat([s[:, None].expand(-1, samples, -1), z], -1))
+        log_p = (-((a[:, None] - dec) ** 2) / (2 * var) - 0.5 * math.log(2 * math.pi * var)).sum(-1)
+        return log_p.logsumexp(-1)
+
+
+def dataset_constraint_loss(vae: TargetVAE, s: torch.Tensor, actor_out: torch.Tensor, weight: float) -> torch.Tensor:
+    """OTDF's actor term -weight log beta(a_pi|s), a_pi a tanh-Gaussian sample of the actor. Divided by d_a: the AWR
+    loss here averages over the action dims where OTDF's sums them, so `weight` keeps OTDF's balance of the two."""
+    da = actor_out.shape[1] // 2
+    mean, log_std = actor_out[:, :da], actor_out[:, da:].clamp(-20, 2)
+    a_pi = torch.tanh(mean + log_std.exp() * torch.randn_like(mean))
+    return -weight / da * vae.log_beta(s, a_pi).mean()
+
+
+def fit_target_vae(run: Run) -> TargetVAE:
+    """OTDF's pretraining of beta: --vae-steps Adam steps (lr 1e-3) on batches of target rows; then frozen. A --resume
+    of stage 5 loads it from the stage-5 checkpoint instead."""
+    d, ds, da, dev = run.d, run.d["ds"], run.d["da"], run.dev
+    vae = TargetVAE(ds, da).to(dev)
+    if 5 not in run.loaded:
+        opt = run.adam(vae.parameters(), lr=1e-3)
+
+        def vae_step(i: int):
+            x = d["data"][d["n_src"] + torch.randint(d["n_tgt"], (run.args.batch_size,), device=dev)]
+            return optimize(opt, vae.loss(x[:, :ds], x[:, ds: ds + da]))[None]
+
+        run.train("stage 5 target VAE (OTDF's dataset constraint)", run.args.vae_steps, vae_step, ["losses/vae_loss"],
+                  run.args.log_freq, run.args.bench, 20)
+    return vae.requires_grad_(False)
+
+
 def backbone_errors(args: Args) -> list[str]:
     """The backbone's own flags, checked with all others before anything runs."""
     return [msg for bad, msg in [
         (not 0 < args.expectile < 1, f"--expectile must lie in (0, 1), got {args.expectile}"),
         (not 0 <= args.temperature < math.inf, f"--temperature must be finite and >= 0, got {args.temperature}"),
+        (not 0 <= args.dataset_constraint < math.inf,
+         f"--dataset-constraint must be finite and >= 0, got {args.dataset_constraint}"),
+        (args.vae_steps < 1, f"--vae-steps must be >= 1, got {args.vae_steps}"),
     ] if bad]
 
 
@@ -634,6 +702,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     annealed lr). The tanh-Gaussian actor outputs [mean, log_std]; its squared-error loss and the evaluation use
     tanh(mean) only. `batch()` draws (D', w)."""
     args, dev, ds, da = run.args, run.dev, run.d["ds"], run.d["da"]
+    vae = fit_target_vae(run) if args.dataset_constraint > 0 else None
     actor, qf, vf = mlp(ds, 2 * da).to(dev), EnsembleMLP(2, ds + da, 1).to(dev), mlp(ds, 1).to(dev)
     qf_t = copy.deepcopy(qf).requires_grad_(False)
     # the actor's lr is a tensor, so the cosine schedule changes a value, not the compiled code
@@ -652,7 +721,11 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         s, a, r, s2, done = split(x, ds, da)
         with torch.no_grad():  # the Q target uses V after its update (docs/specification.md §5.6)
             y = r + args.gamma * (1 - done) * vf(s2).squeeze(-1)
-        return td_loss(qf(x[:, : ds + da]).squeeze(-1), y, w), awr_actor_loss(actor(s)[:, :da], a, u, args.temperature)
+        actor_out = actor(s)
+        actor_loss = awr_actor_loss(actor_out[:, :da], a, u, args.temperature)
+        if vae is not None:
+            actor_loss = actor_loss + dataset_constraint_loss(vae, s, actor_out, args.dataset_constraint)
+        return td_loss(qf(x[:, : ds + da]).squeeze(-1), y, w), actor_loss
 
     v_loss_fn, q_and_actor_losses_fn = utils.compiled(v_loss, args, dev), utils.compiled(q_and_actor_losses, args, dev)
 
@@ -673,7 +746,8 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         net = copy.deepcopy(actor).cpu()
         return lambda obs: torch.tanh(net(obs)[..., :da])
 
-    return utils.Learner(dict(actor=actor, qf=qf, qf_target=qf_t, vf=vf), opts, scheds,
+    nets = dict(actor=actor, qf=qf, qf_target=qf_t, vf=vf, **({"target_vae": vae} if vae is not None else {}))
+    return utils.Learner(nets, opts, scheds,
                          ["losses/vf_loss", "losses/qf_loss", "losses/actor_loss"], train_step, eval_policy)
 # <<< backbone
 

@@ -159,7 +159,8 @@ def load_data(args, device: torch.device) -> dict:
 
 
 # ---- Run integrity: --resume and --reuse-stages load only what the current flags would compute ----------------------
-NEW_FLAG_DEFAULTS = {"dynamics_score": "contrastive"}  # flags added after runs were made: absent reads as this default
+# flags added after runs were made: absent reads as this default
+NEW_FLAG_DEFAULTS = {"dynamics_score": "contrastive", "dataset_constraint": 0.0, "vae_steps": 10_000}
 RESUME_FREE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "generate", "log_freq", "resume",
                "reuse_stages", "bench", "compile", "total_steps")  # flags that do not change results (--total-steps may grow)
 

@@ -5,6 +5,7 @@ import csv
 import glob
 import json
 import os
+import subprocess
 import textwrap
 
 import numpy as np
@@ -146,6 +147,9 @@ def test_real_tiny_run(tiny_data, tmp_path, capsys):
     rows = list(csv.DictReader(open(exported / "curves.csv")))
     assert [int(r["step"]) for r in rows if r["tag"] == "eval/normalized_score"] == [50, 100]
     assert json.load(open(exported / "args.json"))["variant"] == "target"
+    code = json.load(open(exported / "run.json"))["attempts"][0]["code"]  # the commit the run was made with
+    head = subprocess.run(["git", "-C", benchmark.ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert code is None if head.returncode else code.split("+")[0] == head.stdout.strip()
     assert benchmark.main(argv) == 0
     assert "1 done" in capsys.readouterr().out
 

@@ -1,12 +1,15 @@
 """The optimal-transport dynamics score (--dynamics-score ot, OTDF; docs/specification.md §10): the score and the plan on
-hand-checkable points, the chunked and subsampled computation against the exact one, and the three OT rows (OTDF,
-DVDF-OTDF, V2A-OTDF) end to end in both files, with --reuse-stages.
+hand-checkable points, the chunked and subsampled computation against the exact one, the three OT rows (OTDF,
+DVDF-OTDF, V2A-OTDF) end to end in both files, with --reuse-stages, and OTDF's dataset constraint (--dataset-constraint,
+IQL): its VAE, its gradient, and a run that resumes to the same weights.
 
 Run as a script, it prints the agreement check of docs/specification.md §10 on the default Hopper datasets:
     MINARI_DATASETS_PATH=<folder with them> python tests/test_ot.py [--rows 10000]"""
 import glob
 import json
+import math
 import os
+import shutil
 import sys
 
 import pytest
@@ -14,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import v2a_iql as v  # noqa: E402
+import v2a_utils  # noqa: E402
 
 OT_ROWS = {"otdf": "igdf", "dvdf-otdf": "dvdf", "v2a-otdf": "v2a"}  # row -> --variant (with --dynamics-score ot)
 STAGE_FILES = {"otdf": [4, 5], "dvdf-otdf": [3, 4, 5], "v2a-otdf": [1, 2, 3, 4, 5]}
@@ -115,6 +119,70 @@ def test_ot_score_flag_needs_a_filtered_variant(tiny_data, tmp_path, monkeypatch
                   target_size=tiny_data["target_size"], variant="merged", dynamics_score="ot")
     with pytest.raises(SystemExit, match="--dynamics-score applies to the filtered variants"):
         v.main(args)
+
+
+# ---- OTDF's dataset constraint (--dataset-constraint, IQL backbone) ---------------------------------------------------
+def test_target_vae_log_beta_by_hand():
+    """With a decoder that outputs the constant c, log beta(a|s) = log(samples) + sum_d log N(a_d; c_d, 0.1)."""
+    torch.manual_seed(0)
+    vae = v.TargetVAE(3, 2, hidden=8)
+    last = vae.decoder[-2]
+    torch.nn.init.zeros_(last.weight)
+    last.bias.data = torch.tensor([0.3, -0.2])  # the decoder outputs tanh(bias) whatever s and z
+    c, s, a = torch.tanh(last.bias.data), torch.randn(4, 3), torch.rand(4, 2) * 2 - 1
+    by_hand = math.log(10) + (-((a - c) ** 2) / 0.2 - 0.5 * math.log(2 * math.pi * 0.1)).sum(-1)
+    assert torch.allclose(vae.log_beta(s, a, samples=10), by_hand, atol=1e-5)
+
+
+def test_dataset_constraint_pulls_the_actor_to_the_target_behaviour():
+    """A VAE fitted to the behaviour a = 0.5 tanh(s[:2]) rates the data's actions above their negatives, and the
+    constraint's gradient moves the actor's mean toward the data's action."""
+    torch.manual_seed(0)
+    s = torch.randn(2048, 5)
+    a = 0.5 * torch.tanh(s[:, :2])
+    vae = v.TargetVAE(5, 2, hidden=64)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    for _ in range(1500):
+        rows = torch.randint(len(s), (128,))
+        v2a_utils.optimize(opt, vae.loss(s[rows], a[rows]))
+    vae.requires_grad_(False)
+    s, a = s[:512], a[:512]
+    assert (vae.log_beta(s, a) > vae.log_beta(s, -a)).float().mean() > 0.95
+    mean = torch.zeros(len(s), 2, requires_grad=True)  # the actor's tanh(mean) is 0, with a tiny std
+    v.dataset_constraint_loss(vae, s, torch.cat([mean, torch.full_like(mean, -8.0)], 1), 0.5).backward()
+    clear = a.abs() > 0.1  # a descent step on the loss moves tanh(mean) toward a
+    assert (torch.sign(-mean.grad[clear]) == torch.sign(a[clear])).float().mean() > 0.9
+
+
+def test_dataset_constraint_end_to_end_and_resume(tiny_data, tmp_path, monkeypatch):
+    """An OTDF run with the constraint (in this process, keeping its step-50 checkpoint aside), then the same run
+    killed after that checkpoint and resumed: the VAE is loaded, not refitted, and the final weights are the same."""
+    monkeypatch.chdir(tmp_path)
+    flags = dict(variant="igdf", dynamics_score="ot", dataset_constraint=0.5, vae_steps=30, repr_steps=20, sql_steps=20,
+                 info_steps=20, total_steps=100, eval_freq=50, eval_episodes=1, log_freq=50, compile=False)
+    checkpoints, save = {}, v2a_utils.save
+
+    def keep_stage5(state, path):
+        save(state, path)
+        if path.endswith("stage5.pt"):
+            checkpoints[state["step"]] = open(path, "rb").read()
+
+    monkeypatch.setattr(v2a_utils, "save", keep_stage5)
+    v.main(v.Args(env_id=tiny_data["env_id"], source=tiny_data["source"], source_size=tiny_data["source_size"],
+                  target_size=tiny_data["target_size"], **flags))
+    (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*__v2a_iql__otdf__*"))
+    full = torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)
+    assert sorted(checkpoints) == [50, 100] and "target_vae" in full
+    killed = shutil.copytree(run_dir, tmp_path / "killed")
+    (killed / "stage5.pt").write_bytes(checkpoints[50])
+    from test_v2a import run
+    argv = [f"--{k.replace('_', '-')}={val}" for k, val in flags.items() if k != "compile"] + ["--no-compile"]
+    proc = run("v2a_iql", tmp_path, *tiny_data["base_args"], *argv, "--resume", str(killed))
+    assert "resuming from step 50" in proc.stdout and "target VAE" not in proc.stdout
+    resumed = torch.load(killed / "stage5.pt", weights_only=False)
+    for net in ("actor", "qf", "vf", "target_vae"):
+        for name, w in full[net].items():
+            assert torch.equal(w, resumed[net][name]), f"{net}.{name} differs after --resume"
 
 
 # ---- the agreement check on the default Hopper data (a script, not a test: minutes of CPU, 8 GB of memory) ---------------
