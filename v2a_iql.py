@@ -119,7 +119,7 @@ class Args:
     dataset_constraint: float = 0.0
     """OTDF's dataset constraint: weight of -log beta(pi(s)|s) in the actor loss, beta a VAE fitted to the target data
     before stage 5 (0: off, as in every row by default; OTDF: 0.5 for gravity and morphology shifts, 0.1 for kinematic
-    ones). About 6x the cost of a stage-5 step"""
+    ones). Its 10-sample VAE term makes a stage-5 step about 13x as costly on a CPU (docs/specification.md §10)"""
     vae_steps: int = 10_000
     """--dataset-constraint: Adam steps that fit the target VAE before stage 5 (OTDF: 10,000)"""
     # <<< backbone
