@@ -638,8 +638,9 @@ def plot_curves(tasks: dict, path: str, seed: int):
 
 
 def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
-    """The z embedding (v2a), the advantage per domain x quality (v2a, dvdf), the kept fractions (filtered variants);
-    from the lowest seed of each variant for the first two, the mean over seeds for the third."""
+    """The z embedding (v2a), the advantage per domain x quality (v2a, dvdf), stage 1's curves (every run with a
+    stage 1), the kept fractions (filtered variants); from the lowest seed of each variant for the first two, every
+    seed for the third, the mean over seeds for the fourth."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -685,6 +686,23 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
             ax.legend(fontsize=7)
         fig.tight_layout()
         made.append(f"adv_{slug}.png")
+        fig.savefig(os.path.join(folder, made[-1]), dpi=110)
+        plt.close(fig)
+    stage1 = [r for r in sorted(runs, key=lambda r: (method_order(r["method"]), r["seed"]))
+              if "repr/stage1_domain_probe_acc" in r["curves"]]
+    if stage1:  # has stage 1 trained long enough? (the --repr-steps budget: both curves flat)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for r in stage1:
+            for ax, tag in zip(axes, ("repr/rec_loss", "repr/stage1_domain_probe_acc")):
+                if r["curves"].get(tag):
+                    ax.plot(*zip(*r["curves"][tag]), label=f"{r['method']} s{r['seed']}", alpha=0.8)
+        axes[0].set(title="stage 1: TC-ELBO reconstruction loss", xlabel="TC-ELBO iterations", ylabel="L_rec", yscale="log")
+        axes[1].set(title="stage 1: held-out domain probe on z", xlabel="TC-ELBO iterations", ylabel="accuracy",
+                    ylim=(0, 1.02))
+        for ax in axes:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        made.append(f"stage1_{slug}.png")
         fig.savefig(os.path.join(folder, made[-1]), dpi=110)
         plt.close(fig)
     kept = sorted({r["method"] for r in runs if any(t.startswith("filter/kept_frac/") for t in r["curves"])}, key=method_order)

@@ -185,6 +185,9 @@ def fake_export(folder, variant: str, seed: int, score, total: int = 100):
         fh.write("tag,step,value\n" + "".join(f"eval/normalized_score,{s},{score or 0}\n" for s in steps))
         if variant != "merged":
             fh.write("".join(f"filter/kept_frac/{n},{s},0.5\n" for n in ("gravity-0.5", "expert") for s in steps))
+        if variant == "v2a":
+            fh.write("".join(f"repr/{tag},{i},{v}\n" for i in (5, 10) for tag, v in (("rec_loss", 1 / i),
+                                                                                   ("stage1_domain_probe_acc", 0.9))))
     if variant in ("v2a", "dvdf"):
         (d / "adv_hist.csv").write_text("group,right_edge,count\ngravity-0.5-expert,0.1,3\ngravity-0.5-expert,0.2,5\n")
     if variant == "v2a":
@@ -221,5 +224,5 @@ def test_report_statistics_by_hand(tmp_path):
     assert "python benchmark.py run --sweep fx" in md and "| 1.00 [1.00, 1.00] |" in md
     pngs = sorted(os.listdir(cfg.figures))
     assert pngs == ["adv_Hopper-v4_iql_t100000.png", "curves_fx.png", "kept_Hopper-v4_iql_t100000.png",
-                    "z_Hopper-v4_iql_t100000.png"]
+                    "stage1_Hopper-v4_iql_t100000.png", "z_Hopper-v4_iql_t100000.png"]
     assert all(f"({os.path.basename(cfg.figures)}/{p})" in md for p in pngs)
