@@ -293,10 +293,8 @@ class TargetVAE(nn.Module):
     def __init__(self, ds: int, da: int, hidden: int = 750):
         super().__init__()
         self.latent = 2 * da
-        self.encoder = nn.Sequential(nn.Linear(ds + da, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                     nn.Linear(hidden, 2 * self.latent))  # [mean, log_std] of q(z|s,a)
-        self.decoder = nn.Sequential(nn.Linear(ds + self.latent, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                     nn.ReLU(), nn.Linear(hidden, da), nn.Tanh())
+        self.encoder = mlp(ds + da, 2 * self.latent, hidden)  # [mean, log_std] of q(z|s,a)
+        self.decoder = nn.Sequential(*mlp(ds + self.latent, da, hidden), nn.Tanh())
 
     def posterior(self, s: torch.Tensor, a: torch.Tensor):
         mean, log_std = self.encoder(torch.cat([s, a], -1)).chunk(2, -1)
