@@ -360,12 +360,16 @@ class Progress:
     def __init__(self, total: int, workers: Optional[int], past: list[float], every: float):
         self.total, self.workers, self.durations, self.every = total, workers, list(past), every
         self.done, self.failed, self.t = 0, 0, 0.0
+        self.starts: list[float] = []  # start times of the runs in flight (a freed slot takes the next run at once)
 
     def ended(self, r: dict):
         self.done += 1
         self.failed += r["rc"] != 0
         if r["rc"] == 0 and r["state"] in ("new", "resume"):
             self.durations.append(r["seconds"])
+        if self.starts:  # the run that ended is the one whose start time fits its duration best
+            began = time.time() - r["seconds"]
+            self.starts.remove(min(self.starts, key=lambda t: abs(t - began)))
         print(f"[benchmark] {'ok' if r['rc'] == 0 else 'FAILED'} {r['name']} ({r['state']}, {duration(r['seconds'])})",
               flush=True)
 
@@ -373,10 +377,12 @@ class Progress:
         if not force and time.time() - self.t < self.every:
             return
         self.t, left = time.time(), self.total - self.done - running
+        self.starts = (self.starts + [self.t] * running)[:running]
         eta = ""
-        if self.durations:  # a run's mean duration x the runs not finished / the runs at a time
-            par = self.workers or max(1, running)
-            eta = f", ETA {duration(np.mean(self.durations) * (left + running / 2) / par)}"
+        if self.durations:  # the work left (a run's mean duration for each queued run, what remains of each run in
+            mean = np.mean(self.durations)  # flight: at least a tenth of the mean) over the runs at a time
+            work = left * mean + sum(max(mean - (self.t - t0), 0.1 * mean) for t0 in self.starts)
+            eta = f", ETA {duration(work / (self.workers or max(1, running)))}"
         print(f"[benchmark] {self.done}/{self.total} finished ({self.failed} failed), {running} running, {left} left{eta}",
               flush=True)
 

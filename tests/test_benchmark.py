@@ -120,6 +120,23 @@ def test_ray_resumes_a_killed_run(sweep, capsys):
         ray.shutdown()
 
 
+def test_progress_eta_counts_down(monkeypatch, capsys):
+    """4 runs of 600 s each (from an earlier run), 2 at a time: 20 min at the start; 10 min later (both runs half
+    done), 15 min; when one ends and the next starts, (600 queued + 60 for the run at its mean duration (a tenth of
+    it) + 600 for the new one) / 2 = 630 s, 10 min."""
+    now = [1000.0]
+    monkeypatch.setattr(benchmark.time, "time", lambda: now[0])
+    progress = benchmark.Progress(total=4, workers=2, past=[600.0], every=0)
+    progress.line(2)
+    now[0] += 300
+    progress.line(2)
+    now[0] += 300
+    progress.ended(dict(name="a", rc=0, state="new", seconds=600.0))
+    progress.line(2)
+    etas = [line.rsplit("ETA ", 1)[1] for line in capsys.readouterr().out.splitlines() if "ETA" in line]
+    assert etas == ["20 min", "15 min", "10 min"]
+
+
 def test_bad_grid_and_pass_through_flags(sweep):
     launch, tmp_path = sweep
     for argv in (["--grid", "seed=1"], ["--grid", "--x=1,2"]):
