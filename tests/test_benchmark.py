@@ -239,6 +239,10 @@ def test_report_statistics_by_hand(tmp_path):
     assert "`v2a` > `dvdf`: holds for the IQM only; the CIs overlap" in md
     assert "`dvdf` > `igdf`: not testable yet" in md and "+12.5 % (paper: +13.7 %)" in md
     assert "python benchmark.py run --sweep fx" in md and "| 1.00 [1.00, 1.00] |" in md
+    (res / "reading.md").write_text("V2A ends above DVDF in 5 of 8 seeds.\n")  # the hand-written reading is kept
+    benchmark.report(cfg)
+    md = open(cfg.out).read()
+    assert "V2A ends above DVDF in 5 of 8 seeds." in md and "TODO (lead)" not in md
     pngs = sorted(os.listdir(cfg.figures))
     assert pngs == ["adv_Hopper-v4_iql_t100000.png", "curves_fx.png", "kept_Hopper-v4_iql_t100000.png",
                     "stage1_Hopper-v4_iql_t100000.png", "z_Hopper-v4_iql_t100000.png"]
