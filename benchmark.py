@@ -787,14 +787,15 @@ def report(cfg: Report) -> dict:
               "bootstrap CI of the mean; only the steps that every run of a method has reached.", "",
               f"![learning curves]({fig_rel}/curves_{sweep}.png)", ""]
     reading = os.path.join(res_dir, "reading.md")  # written by hand, kept with the exported runs: regenerating keeps it
+    L += ["## Reading", ""]
     if os.path.exists(reading):
         with open(reading) as fh:
-            L += ["## Reading", "", f"(From `{reading}`, written by hand for the runs above.)", "", fh.read().strip(), ""]
+            L += [f"(From `{reading}`, written by hand for the runs above.)", "", fh.read().strip(), ""]
     else:
-        L += ["## Reading", "", "> **TODO (lead): interpretation.** What the numbers do and do not show: whether V2A > "
-              "DVDF > IGDF > merged holds beyond the CIs (above), the gains against the paper's +13.7 % (DVDF) and +21.4 % "
-              "(IGDF), and where the ranking does not appear, what the diagnostics (z separation, advantage distributions, "
-              f"kept fractions) say about why. Write it to `{reading}`; the report includes it.", ""]
+        L += ["> **TODO (lead): interpretation.** What the numbers do and do not show: whether V2A > DVDF > IGDF > merged "
+              "holds beyond the CIs (above), the gains against the paper's +13.7 % (DVDF) and +21.4 % (IGDF), and where "
+              "the ranking does not appear, what the diagnostics (z separation, advantage distributions, kept fractions) "
+              f"say about why. Write it to `{reading}`; the report includes it.", ""]
     L += setup_lines(runs)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     with open(cfg.out, "w") as fh:
