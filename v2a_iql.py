@@ -125,46 +125,6 @@ class Args:
     # <<< backbone
 
 
-def validate_args(args: Args):
-    """Every flag, checked before anything runs (data generation included); resolves the default --source."""
-    if args.env_id not in utils.SUPPORTED_ENV_IDS:
-        fail(f"unknown --env-id {args.env_id!r}; supported: {', '.join(utils.SUPPORTED_ENV_IDS)}")
-    args.source = utils.DEFAULT_SOURCES[args.env_id.rpartition("-")[0]] if args.source is None else args.source
-    for ds_id, rec in utils.expected_generation(args).items():
-        if not 1 <= rec["transitions"] <= utils.MAX_DATASET_TRANSITIONS:
-            fail(f"{ds_id} ({rec['domain']}:{rec['quality']}) would get {rec['transitions']:,} transitions; a dataset "
-                 f"holds 1 to {utils.MAX_DATASET_TRANSITIONS:,} (data_gen.py's cap): change --source-size, --target-size or "
-                 f"the weights")
-    stages, bench, runs = VARIANT_STAGES[args.variant], args.bench > 0, [args.resume, args.reuse_stages]
-    budgets = {1: ("repr-steps", args.repr_steps), 3: ("sql-steps", args.sql_steps), 4: ("info-steps", args.info_steps)}
-    trained = [k for k in stages if k in budgets and (k != 4 or args.dynamics_score == "contrastive")]  # ot: no steps
-    checks = [
-        (not 0 <= args.seed < 2**31, f"--seed must lie in [0, 2^31), got {args.seed}"),
-        (not 0 < args.xi <= 1 or (args.tradeoff is not None and not 0 <= args.tradeoff <= 1),
-         f"--xi must lie in (0, 1] and --tradeoff in [0, 1]; got xi {args.xi}, tradeoff {args.tradeoff}"),
-        (args.tradeoff is not None and args.variant not in ("v2a", "dvdf"),
-         f"--tradeoff applies to the v2a and dvdf variants only, not to {args.variant}"),
-        (args.dynamics_score != "contrastive" and args.variant not in PUBLISHED_TRADEOFF,
-         f"--dynamics-score applies to the filtered variants v2a, dvdf and igdf only, not to {args.variant}"),
-        *[(n <= 0 and not bench, f"--{flag} must be > 0 for the {args.variant} variant, got {n}")
-          for flag, n in [budgets[k] for k in trained] + [("total-steps", args.total_steps)]],
-        *[(n < 0, f"--{flag} must be >= 0, got {n}") for flag, n in budgets.values()],
-        (min(args.eval_freq, args.eval_episodes, args.log_freq, args.batch_size, args.z_dim) <= 0,
-         "--eval-freq, --eval-episodes, --log-freq, --batch-size and --z-dim must be > 0"),
-        (not 0 < args.learning_rate < math.inf, f"--learning-rate must be finite and > 0, got {args.learning_rate}"),
-        (not 0 < args.sql_alpha < math.inf, f"--sql-alpha must be finite and > 0, got {args.sql_alpha}"),
-        (not 0 <= args.gamma <= 1 or not 0 < args.tau <= 1,
-         f"--gamma must lie in [0, 1] and --tau in (0, 1]; got gamma {args.gamma}, tau {args.tau}"),
-        *[(True, msg) for msg in backbone_errors(args)],
-        (args.bench < 0 or (bench and any(runs)), "--bench takes a number >= 0 and excludes --resume/--reuse-stages"),
-        (all(runs), "--resume and --reuse-stages exclude each other"),
-        *[(not os.path.isdir(run), f"{run} is not a run directory") for run in filter(None, runs)],
-    ]
-    for bad, msg in checks:
-        if bad:
-            fail(msg)
-
-
 def row_name(args: Args) -> str:
     """The paper's row a run belongs to, e.g. v2a-otdf (run directories, results.json)."""
     return ROW_NAMES.get((args.variant, args.dynamics_score), args.variant)
@@ -766,7 +726,7 @@ DESCRIPTION = (
 def setup(args: Args) -> Run:
     """Every check first (flags, datasets, the checkpoints to load), then the run directory and its logging."""
     torch.set_flush_denormal(True)  # subnormal floats take a slow path on x86 CPUs: they triple the GRU's cost
-    validate_args(args)
+    utils.validate_args(args, VARIANT_STAGES, PUBLISHED_TRADEOFF, backbone_errors(args))
     if args.resume:
         utils.check_resume(args, SCRIPT)
     random.seed(args.seed)

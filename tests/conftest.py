@@ -16,6 +16,12 @@ TINY = dict(env_id="Hopper-v4", source="torso-hard:random,gravity-0.5:expert,leg
             source_size=3000, target_size=1000)
 
 
+def validate_args(script_module, args):
+    """A training script's flag checks, as its setup() runs them (they live in v2a_utils.validate_args)."""
+    m = script_module
+    m.utils.validate_args(args, m.VARIANT_STAGES, m.PUBLISHED_TRADEOFF, m.backbone_errors(args))
+
+
 def run_script(script: str, *args: str, check: bool = True, cwd: str = ROOT) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would, with a single torch thread, in `cwd` (runs/ goes there)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import validate_args  # noqa: E402
+
 import v2a_iql as v  # noqa: E402
 import v2a_utils  # noqa: E402
 
@@ -222,7 +224,7 @@ def agreement(rows: int = 10_000, seed: int = 0):
     implementation's (the chunk against the 5,000-row target subsample; also cut into 4 chunks; another seed)."""
     import time
     args = v.Args(env_id="Hopper-v4", generate=False)
-    v.validate_args(args)
+    validate_args(v, args)
     d = v.utils.load_data(args, torch.device("cpu"))
     data, Ns, ds, da = d["data"], d["n_src"], d["ds"], d["da"]
     rows_of = lambda x: torch.cat([x[:, : ds + da], x[:, ds + da + 1 : 2 * ds + da + 1]], 1)

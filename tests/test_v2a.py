@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, validate_args
 
 import data_gen
 import v2a_iql as v
@@ -229,7 +229,7 @@ def test_default_ids_and_sources(script):
                    "v2a/hopper-v4/source/legjnthard-medium-333333-v0"]
     assert tgt == "v2a/hopper-v4/target/medium-100k-v0"
     args = m.Args(env_id="Ant-v5")
-    m.validate_args(args)  # --source None: the robot's default
+    validate_args(m, args)  # --source None: the robot's default
     assert args.source == data_gen.DEFAULT_SOURCES["Ant"]
 
 
