@@ -4,7 +4,6 @@
 # usage: python v2a_td3bc.py --env-id Hopper-v4 [--variant v2a|dvdf|igdf|merged|target]
 import copy
 import functools
-import json
 import math
 import os
 import random
@@ -33,6 +32,9 @@ ROW_NAMES = {("igdf", "contrastive"): "igdf", ("dvdf", "contrastive"): "dvdf", (
 OT_THRESHOLD, OT_ITERS, OT_EPS, OT_CHUNK, OT_TARGET = 1e-9, 100, 0.05, 10_000, 5_000
 REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP, SQL_BATCH = 16, 200, 1e-3, 10.0, 256  # docs/specification.md §7.1
 PROBE_TRAJ = 500  # trajectories of the domain probe logged during stage 1 (repr/stage1_domain_probe_acc)
+# the constants that determined each stage's result, recorded in its checkpoint's key (v2a_utils.stage_keys)
+STAGE_CONSTANTS = {1: [REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP], 3: [SQL_BATCH],
+                   "ot": [OT_THRESHOLD, OT_ITERS, OT_EPS, OT_CHUNK, OT_TARGET]}
 
 
 @dataclass
@@ -134,29 +136,6 @@ def row_name(args: Args) -> str:
 def tradeoff(args: Args) -> float:
     """lambda of the filter: --tradeoff, or the variant's published value (0 for the unfiltered variants)."""
     return PUBLISHED_TRADEOFF.get(args.variant, 0.0) if args.tradeoff is None else args.tradeoff
-
-
-# ---- Run integrity: what determined each stage's result (stored in its checkpoint, compared when loaded) -----------
-def stage_keys(args: Args, records: dict, stages) -> dict:
-    """Stage -> everything that determined its result: stored in its checkpoint, compared when it is loaded. A key
-    holds those of the stages trained before it in the same run (they advance the RNG; stage 2's z feeds stage 3).
-    Keys of stages 1-4 hold nothing script-specific: both scripts share those stages."""
-    src = dict(list(records.items())[:-1])  # the target dataset is the last
-    own = {1: dict(data=src, repr_steps=args.repr_steps, z_dim=args.z_dim, lr=args.learning_rate, bf16=args.bf16,
-                   constants=[REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP]),
-           2: {},
-           3: dict(data=src, sql_steps=args.sql_steps, sql_alpha=args.sql_alpha, gamma=args.gamma, tau=args.tau,
-                   lr=args.learning_rate, constants=[SQL_BATCH]),
-           4: dict(data=records, info_steps=args.info_steps, batch_size=args.batch_size, lr=args.learning_rate)
-           if args.dynamics_score == "contrastive" else  # the OT score: a function of the data, the seed and these
-           dict(data=records, score="ot", constants=[OT_THRESHOLD, OT_ITERS, OT_EPS, OT_CHUNK, OT_TARGET])}
-    keys, chain = {}, {"seed": args.seed}
-    for k in stages:
-        keys[k] = chain = {**chain, f"stage{k}": own[k]}
-    flags = {k: v for k, v in vars(args).items()  # a newer flag at its default is left out: older keys stay valid
-             if k not in utils.RESUME_FREE and not (k in utils.NEW_FLAG_DEFAULTS and utils.NEW_FLAG_DEFAULTS[k] == v)}
-    keys[5] = {**chain, "stage5": dict(data=records, script=SCRIPT, flags=flags)}
-    return {k: json.loads(json.dumps(key)) for k, key in keys.items()}  # as stored: lists, not tuples
 
 
 # ---- Networks -------------------------------------------------------------------------------------------------------
@@ -674,7 +653,7 @@ def setup(args: Args) -> Run:
     if args.cuda and dev.type == "cpu":
         print("CUDA not available: running on CPU", flush=True)
     d, stages = utils.load_data(args, dev), VARIANT_STAGES[args.variant]
-    keys = stage_keys(args, d["records"], stages)
+    keys = utils.stage_keys(args, d["records"], stages, SCRIPT, STAGE_CONSTANTS)
     return utils.start_run(args, SCRIPT, d, dev, stages, keys, row_name(args),
                            dict(resolved_tradeoff=tradeoff(args), kept_per_step=kept_count(args.batch_size, args.xi)))
 

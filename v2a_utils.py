@@ -206,6 +206,30 @@ RESUME_FREE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "gener
                "reuse_stages", "bench", "compile", "total_steps")  # flags that do not change results (--total-steps may grow)
 
 
+# ---- Run integrity: what determined each stage's result (stored in its checkpoint, compared when loaded) -----------
+def stage_keys(args, records: dict, stages, script: str, constants: dict) -> dict:
+    """Stage -> everything that determined its result: stored in its checkpoint, compared when it is loaded. A key
+    holds those of the stages trained before it in the same run (they advance the RNG; stage 2's z feeds stage 3).
+    Keys of stages 1-4 hold nothing script-specific: both scripts share those stages. `constants`: the script's
+    constants per stage (1, 3, and "ot" for the OT score of stage 4)."""
+    src = dict(list(records.items())[:-1])  # the target dataset is the last
+    own = {1: dict(data=src, repr_steps=args.repr_steps, z_dim=args.z_dim, lr=args.learning_rate, bf16=args.bf16,
+                   constants=constants[1]),
+           2: {},
+           3: dict(data=src, sql_steps=args.sql_steps, sql_alpha=args.sql_alpha, gamma=args.gamma, tau=args.tau,
+                   lr=args.learning_rate, constants=constants[3]),
+           4: dict(data=records, info_steps=args.info_steps, batch_size=args.batch_size, lr=args.learning_rate)
+           if args.dynamics_score == "contrastive" else  # the OT score: a function of the data, the seed and these
+           dict(data=records, score="ot", constants=constants["ot"])}
+    keys, chain = {}, {"seed": args.seed}
+    for k in stages:
+        keys[k] = chain = {**chain, f"stage{k}": own[k]}
+    flags = {k: v for k, v in vars(args).items()  # a newer flag at its default is left out: older keys stay valid
+             if k not in RESUME_FREE and not (k in NEW_FLAG_DEFAULTS and NEW_FLAG_DEFAULTS[k] == v)}
+    keys[5] = {**chain, "stage5": dict(data=records, script=script, flags=flags)}
+    return {k: json.loads(json.dumps(key)) for k, key in keys.items()}  # as stored: lists, not tuples
+
+
 def differences(old, new, prefix: str = "") -> list[str]:
     """'path old (now new)' for every leaf where two nested dicts differ."""
     if isinstance(old, dict) and isinstance(new, dict):
