@@ -136,7 +136,8 @@ def make_specs(cfg: Run, extra: list[str], launch: str = "") -> list[dict]:
             raise SystemExit(f"benchmark.py: error: --{flag} is both a grid axis and a flag after `--`")
         axes.append([(flag, v) for v in values.split(",")])
     specs = []
-    for script, variant, combo, seed in itertools.product(cfg.scripts, cfg.variants, itertools.product(*axes), cfg.seeds):
+    # seed-major: a sweep stopped part-way has the same seeds of every variant, not all seeds of the first variants
+    for seed, script, variant, combo in itertools.product(cfg.seeds, cfg.scripts, cfg.variants, itertools.product(*axes)):
         path = script_path(script)
         if not os.path.exists(path):
             raise SystemExit(f"benchmark.py: error: no training script {path}")
@@ -323,7 +324,7 @@ def prepare_datasets(specs: list[dict]):
 def run_sweep(cfg: Run, extra: list[str], launch: str = "") -> int:
     specs = make_specs(cfg, extra, launch)
     states = {s["name"]: run_state(s)[0] for s in specs}
-    todo = [s for s in specs if states[s["name"]] in ("new", "resume")]
+    todo = [s for s in specs if states[s["name"]] == "resume"] + [s for s in specs if states[s["name"]] == "new"]
     counts = {k: list(states.values()).count(k) for k in ("done", "running", "resume", "new")}
     print(f"[benchmark] sweep {cfg.sweep}: {len(specs)} runs: {counts['done']} done, {counts['running']} running elsewhere, "
           f"{counts['resume']} to resume, {counts['new']} to start", flush=True)

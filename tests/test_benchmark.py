@@ -110,6 +110,31 @@ def test_local_pool_resumes_a_killed_run(sweep, capsys):
     check_killed_run_resumed(lambda crash: launch("--workers", "2", crash=crash), tmp_path, capsys)
 
 
+def test_launch_order_resumes_first_then_seed_major(sweep, capsys):
+    """A sweep stopped part-way should hold the same seeds of every variant: runs start seed by seed (every variant of
+    seed 1, then of seed 2), after the runs that a stopped sweep left to resume."""
+    launch, tmp_path = sweep
+    script = str(tmp_path / "fake_trainer.py")
+    common = ["--scripts", script, "--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "results"),
+              "--no-data-gen", "--workers", "1"]
+    # a first sweep of variant a alone: its seed-2 run is killed midway and left to resume
+    assert benchmark.main(["run", "--sweep", "t", "--variants", "a", "--seeds", "1", "2", *common,
+                           "--", "--total-steps", "3", "--crash-seed", "2"]) == 1
+    assert benchmark.main(["run", "--sweep", "t", "--variants", "a", "b", "--seeds", "1", "2", "3", *common,
+                           "--dry-run", "--", "--total-steps", "3"]) == 0
+    listed = [line.split()[1].rstrip(":") for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert listed == [f"fake_trainer__{v}__s{s}" for s in (1, 2, 3) for v in "ab"]
+    assert benchmark.main(["run", "--sweep", "t", "--variants", "a", "b", "--seeds", "1", "2", "3", *common,
+                           "--", "--total-steps", "3"]) == 0
+    starts = {}
+    for p in glob.glob(str(tmp_path / "runs" / "t" / "*" / "benchmark.json")):
+        last = json.load(open(p))["attempts"][-1]
+        starts[os.path.basename(os.path.dirname(p))] = last["start"]
+    second = [n for n, _ in sorted(starts.items(), key=lambda kv: kv[1]) if n != "fake_trainer__a__s1"]
+    assert second == ["fake_trainer__a__s2", "fake_trainer__b__s1", "fake_trainer__b__s2", "fake_trainer__a__s3",
+                      "fake_trainer__b__s3"]
+
+
 def test_ray_resumes_a_killed_run(sweep, capsys):
     ray = pytest.importorskip("ray")
     launch, tmp_path = sweep
