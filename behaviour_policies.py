@@ -40,7 +40,7 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
     log_alpha = torch.zeros(1, requires_grad=True)
     alpha_opt = torch.optim.Adam([log_alpha], lr=1e-3)
     target_entropy = -float(act_dim)
-    gamma, tau, batch_size, learning_starts = 0.99, 0.005, 256, min(5000, args.policy_steps // 10)
+    gamma, tau, batch_size = 0.99, 0.005, 256
     n = args.policy_steps
     buf = {k: np.zeros((n, d), np.float32) for k, d in
            [("obs", obs_dim), ("act", act_dim), ("next_obs", obs_dim), ("rew", 1), ("term", 1)]}
@@ -50,17 +50,24 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
     # beside the policy file, so a run stopped by a session limit continues from its last evaluation.
     state_path = policy_path(args, robot, domain).replace(".pt", ".train-state.pt")
     modules = dict(actor=actor, qf=qf, qf_target=qf_target, actor_opt=actor_opt, q_opt=q_opt, alpha_opt=alpha_opt)
-    run_key = {"env_id": args.env_id, "domain": domain, "policy_steps": n, "seed": args.seed,
-               "policy_eval_freq": args.policy_eval_freq}
+    # A larger --policy-steps extends a run (the same run as one trained that long from the start, apart from the
+    # fresh episode a resume begins with): the key leaves the step budget out, and the warm-up keeps its first length.
+    run_key = {"env_id": args.env_id, "domain": domain, "seed": args.seed, "policy_eval_freq": args.policy_eval_freq}
+    learning_starts = min(5000, n // 10)
     if os.path.exists(state_path):
         try:
             state = torch.load(state_path, weights_only=False)
         except Exception as e:
             raise DataGenError(f"training state {state_path} cannot be read ({one_line(e)}); delete it to start "
                                f"afresh") from None
+        trained = state["run_key"].pop("policy_steps", None)  # older states hold their budget in the key
         if state["run_key"] != run_key:
             raise DataGenError(f"{state_path} belongs to another training run ({state['run_key']}); delete it to "
                                f"start afresh")
+        learning_starts = state.get("learning_starts", min(5000, (trained or n) // 10))
+        if state["step"] > n:
+            raise DataGenError(f"--policy-steps {n}: {state_path} has already trained {state['step']} steps; give at "
+                               f"least that many (a larger budget extends the run)")
         for name, module in modules.items():
             module.load_state_dict(state[name])
         with torch.no_grad():
@@ -120,7 +127,7 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
                   f"{np.mean(ep_rets[-10:]) if ep_rets else 0:8.1f}  {sps:5.0f} steps/s  "
                   f"ETA {(n - step - 1) / sps / 60:5.1f} min", flush=True)
             state = {name: module.state_dict() for name, module in modules.items()}
-            state.update(run_key=run_key, step=step + 1, log_alpha=log_alpha.detach().clone(),
+            state.update(run_key=run_key, step=step + 1, learning_starts=learning_starts, log_alpha=log_alpha.detach().clone(),
                          buffer={k: v[:step + 1] for k, v in buf.items()}, checkpoints=checkpoints,
                          ep_rets=ep_rets, numpy_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state())
             os.makedirs(os.path.dirname(state_path), exist_ok=True)
@@ -131,8 +138,8 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
     # Expert: best checkpoint among the top 3 after a 10-episode re-evaluation. Medium: the 8 checkpoints whose
     # 5-episode return is closest to 40 % of the expert's are re-evaluated on 10 episodes; of those that earn a third
     # to a half of the expert's return, the steadiest (lowest std: a checkpoint that falls in some episodes and runs
-    # in others is not a medium policy); if none does, the closest to 40 %. A finished run's training state, put back
-    # beside the policy file, makes the same command select again without training.
+    # in others is not a medium policy); if none does, the closest to 40 %. A finished run keeps its training state
+    # beside the policy file: the same command selects again without training, a larger --policy-steps continues it.
     def reeval(sd):
         a = Actor(obs_dim, act_dim)
         a.load_state_dict(sd)
@@ -154,8 +161,6 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(record, path + ".tmp")
     os.replace(path + ".tmp", path)  # never a half-written policy file under its final name
-    if os.path.exists(state_path):
-        os.remove(state_path)
     print(f"saved {path}: expert (step {expert[0]}) {expert_rets.mean():.1f} +- {expert_rets.std():.1f}, "
           f"medium (step {medium[0]}) {medium_rets.mean():.1f} +- {medium_rets.std():.1f}  "
           f"[{(time.time() - start) / 60:.1f} min]")

@@ -394,6 +394,16 @@ def test_sac_trainer_writes_medium_and_expert(tmp_path):
     assert {"expert", "medium"} <= record.keys() and len(record["curve"]) == 4
     actor = dg.Actor(record["obs_dim"], record["act_dim"])
     actor.load_state_dict(record["medium"]["state_dict"])
+    # the finished run keeps its training state: a larger budget extends it, a smaller one is refused
+    assert (tmp_path / "hopper" / "gravity-2.0.train-state.pt").exists()
+    proc = run_script("data_gen.py", "--train-domain", "gravity-2.0", "--policy-steps", "1800", "--policy-eval-freq",
+                      "300", "--policy-dir", str(tmp_path))
+    assert "resuming SAC from step 1200" in proc.stdout
+    longer = torch.load(tmp_path / "hopper" / "gravity-2.0.pt", weights_only=False)
+    assert longer["sac_steps"] == 1800 and longer["curve"][:4] == record["curve"] and len(longer["curve"]) == 6
+    proc = run_script("data_gen.py", "--train-domain", "gravity-2.0", "--policy-steps", "900", "--policy-eval-freq",
+                      "300", "--policy-dir", str(tmp_path), check=False)
+    assert proc.returncode == 1 and "has already trained 1800 steps" in proc.stderr
 
 
 def test_sac_trainer_errors_are_one_line(tmp_path):
