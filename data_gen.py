@@ -95,7 +95,7 @@ SUPPORTED_ENV_IDS = [f"{robot}-{v}" for robot in ROBOTS for v in ("v4", "v5")]
 DEFAULT_SOURCES = {
     "Hopper": "torso-hard:random,gravity-0.5:expert,legjnt-hard:medium",
     "Walker2d": "torso-hard:random,gravity-0.5:expert,thighjnt-hard:medium",
-    "HalfCheetah": "torso-hard:random,gravity-0.5:expert,thighjnt-hard:medium",
+    "HalfCheetah": "torso-hard:random,gravity-2.0:expert,thighjnt-hard:medium",
     "Ant": "gravity-0.1:random,alllegs-hard:expert,hipjnt-medium:medium",
 }
 QUALITIES = ("random", "medium", "expert")
