@@ -235,6 +235,15 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def cmdline(pid: int) -> str:
+    """A process's command line; empty when it has ended meanwhile (short-lived children come and go)."""
+    try:
+        with open(f"/proc/{pid}/cmdline") as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
 def alive(pid: int) -> bool:
     try:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -252,7 +261,7 @@ def test_signal_during_generation_stops_the_child(sig, tmp_path):
         deadline, kids = time.time() + 120, []
         while not kids and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
-            kids = [k for k in children(proc.pid) if "data_gen.py" in open(f"/proc/{k}/cmdline").read()]
+            kids = [k for k in children(proc.pid) if "data_gen.py" in cmdline(k)]
         if not kids:
             proc.kill()  # before reading its output: it would otherwise go on to a paper-scale generation
             raise AssertionError(f"no data_gen.py child appeared: {proc.communicate()}")
