@@ -491,8 +491,11 @@ def check_writable(root: str):
         with open(probe, "w") as f:
             f.write("probe\n")
         os.remove(probe)
-        os.makedirs(staging_dir(root, os.getpid()), exist_ok=True)
-        os.rmdir(staging_dir(root, os.getpid()))
+        try:  # a SIGTERM in between (main installs its handler first) still removes the probe folder
+            os.makedirs(staging_dir(root, os.getpid()), exist_ok=True)
+        finally:
+            if os.path.isdir(staging_dir(root, os.getpid())):
+                os.rmdir(staging_dir(root, os.getpid()))
     except OSError as e:
         raise DataGenError(f"cannot write datasets under {root} ({one_line(e)}); set MINARI_DATASETS_PATH to a "
                            f"writable folder") from None
@@ -692,8 +695,8 @@ def main(args: Args):
     robot = robot_of(args.env_id)
     if args.source is None:
         args.source = default_source(args.env_id)
+    signal.signal(signal.SIGTERM, _terminate)  # first: the checks below already create (and remove) a staging folder
     validate_args(args, robot)
-    signal.signal(signal.SIGTERM, _terminate)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     random.seed(args.seed)
