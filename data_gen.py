@@ -491,11 +491,12 @@ def check_writable(root: str):
         with open(probe, "w") as f:
             f.write("probe\n")
         os.remove(probe)
+        staging = staging_dir(root, os.getpid())
         try:  # a SIGTERM in between (main installs its handler first) still removes the probe folder
-            os.makedirs(staging_dir(root, os.getpid()), exist_ok=True)
+            os.makedirs(staging, exist_ok=True)
         finally:
-            if os.path.isdir(staging_dir(root, os.getpid())):
-                os.rmdir(staging_dir(root, os.getpid()))
+            if os.path.isdir(staging):
+                os.rmdir(staging)
     except OSError as e:
         raise DataGenError(f"cannot write datasets under {root} ({one_line(e)}); set MINARI_DATASETS_PATH to a "
                            f"writable folder") from None

@@ -113,7 +113,7 @@ def test_local_pool_resumes_a_killed_run(sweep, capsys):
 def test_launch_order_resumes_first_then_seed_major(sweep, capsys):
     """A sweep stopped part-way should hold the same seeds of every variant: runs start seed by seed (every variant of
     seed 1, then of seed 2), after the runs that a stopped sweep left to resume."""
-    launch, tmp_path = sweep
+    _, tmp_path = sweep  # the fixture writes the fake trainer; this test launches with its own variants and seeds
     script = str(tmp_path / "fake_trainer.py")
     common = ["--scripts", script, "--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "results"),
               "--no-data-gen", "--workers", "1"]
