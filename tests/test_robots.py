@@ -21,6 +21,19 @@ TINY_TRAIN = ["--repr-steps", "5", "--sql-steps", "5", "--info-steps", "5", "--t
               "--eval-episodes", "1", "--log-freq", "10", "--no-compile"]
 
 
+def nominal_random_reward_per_step(env_id: str, steps: int = 2000) -> float:
+    env = dg.make_domain_env(env_id, "nominal")
+    env.action_space.seed(0)
+    env.reset(seed=0)
+    rewards = []
+    for _ in range(steps):
+        _, r, term, trunc, _ = env.step(env.action_space.sample())
+        rewards.append(r)
+        if term or trunc:
+            env.reset()
+    return float(np.mean(rewards))
+
+
 def test_every_robot_has_its_default_mixtures_policies():
     """The four robots of the paper: every domain that a default mixture collects with a policy, and the nominal one
     (target data, reference scores), has a committed policy file."""
@@ -50,8 +63,12 @@ def test_committed_policies_collect_and_train(robot, tmp_path, monkeypatch):
         reward_per_step[domain, quality] = np.mean(np.concatenate([ep.rewards for ep in ds.iterate_episodes()]))
     target = minari.load_dataset(tgt_id)
     reward_per_step["nominal", "medium"] = np.mean(np.concatenate([ep.rewards for ep in target.iterate_episodes()]))
-    for domain, quality in reward_per_step:  # a trained policy earns more per step than the random one
-        assert reward_per_step[domain, quality] > reward_per_step[random_domain, "random"] or quality == "random"
+    # A trained policy earns more per step than the uniform random policy in the nominal env. (Not than the random
+    # source: its domain is chosen because it inflates the random return, and 400 steps of a medium policy that
+    # falls early in its first episode can earn less per step than that.)
+    random_per_step = nominal_random_reward_per_step(env_id)
+    for (domain, quality), per_step in reward_per_step.items():
+        assert quality == "random" or per_step > random_per_step + 0.1, (domain, quality, per_step, random_per_step)
     # the nominal expert (ref_max_score) beats the random policy (ref_min_score)
     assert target.storage.metadata["ref_max_score"] > target.storage.metadata["ref_min_score"] + 100
     for script in ("v2a_iql.py", "v2a_td3bc.py"):
