@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.func import functional_call
 
 import v2a_utils as utils
 from v2a_utils import Run, fail, optimize, split
@@ -109,8 +110,9 @@ class Args:
     """opt-in: bf16 autocast of the TC-ELBO decoder and of the stage-5 losses (changes the numerics; docs give its
     measured speed and effect)"""
     compile: bool = True
-    """compile the stage-5 update with torch.compile (on CUDA also as a CUDA graph); about a minute of cold compile
-    on a CPU, then about twice the eager rate. `--no-compile` runs the eager reference"""
+    """compile the whole stage-5 update with torch.compile (on CUDA as a CUDA graph): 1.2-1.7x the eager rate on a
+    CPU core, after a cold compile of 1-2 min (inductor caches it; later runs take about 20 s). `--no-compile` runs the
+    same update eagerly, the reference"""
     bench: int = 0
     """time every stage of the variant (warm-up, then this many steps; TC-ELBO N/50 iterations) and exit; nothing is
     trained to completion or saved"""
@@ -236,7 +238,7 @@ def backbone_errors(args: Args) -> list[str]:
     ] if bad]
 
 
-BACKBONE, STAGE5_TIME = "TD3+BC", "1M filtered-TD3+BC steps about 1.1 h"  # names for the logs and --help
+BACKBONE, STAGE5_TIME = "TD3+BC", "1M filtered-TD3+BC steps about 1 h"  # names for the logs and --help
 # <<< backbone
 
 
@@ -591,31 +593,41 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     s_mean, s_std = (data[Ns:, :ds].mean(0), data[Ns:, :ds].std(0) + 1e-3) if args.normalize_states else (0.0, 1.0)
     online, target = [*qf.parameters(), *actor.parameters()], [*qf_t.parameters(), *actor_t.parameters()]
 
-    def critic_loss(x: torch.Tensor, w: Optional[torch.Tensor]):
+    for opt in opts:
+        utils.init_adam_state(opt)
+
+    def critic_loss(qf_params: dict, x: torch.Tensor, w: Optional[torch.Tensor]):
         s, a, r, s2, done = split(x, ds, da)
         s, s2 = (s - s_mean) / s_std, (s2 - s_mean) / s_std
         with torch.no_grad():
             a2 = smoothed_target_action(actor_t(s2), args.policy_noise, args.noise_clip)
             y = r + args.gamma * (1 - done) * qf_t(torch.cat([s2, a2], -1)).min(0).values.squeeze(-1)
-        return td_loss(qf(torch.cat([s, a], -1)).squeeze(-1), y, w), s, a
+        return td_loss(functional_call(qf, qf_params, torch.cat([s, a], -1)).squeeze(-1), y, w), (s, a)
 
-    def actor_loss_(s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        pi = actor(s)
-        return td3bc_actor_loss(qf(torch.cat([s, pi], -1))[0].squeeze(-1), pi, a, args.alpha)
+    def actor_loss_(actor_params: dict, s: torch.Tensor, a: torch.Tensor):
+        pi = functional_call(actor, actor_params, s)
+        return td3bc_actor_loss(qf(torch.cat([s, pi], -1))[0].squeeze(-1), pi, a, args.alpha), None
 
-    critic_loss_fn, actor_loss_fn = utils.compiled(critic_loss, args, dev), utils.compiled(actor_loss_, args, dev)
+    @torch.no_grad()  # utils.grad_and_value computes the gradients; nothing else needs an autograd graph
+    def update(actor_step: bool):
+        """One TD3+BC step as one function (compiled whole with --compile, one graph per value of actor_step):
+        the critics; with actor_step, the actor on the updated critics and Polyak on both."""
+        x, w = batch()
+        with run.bf16():
+            qf_grads, (qf_loss, (s, a)) = utils.grad_and_value(critic_loss, utils.params(qf), x, w)
+        utils.adam_step_(qf_opt, qf_grads)
+        if actor_step:
+            with run.bf16():
+                actor_grads, (loss, _) = utils.grad_and_value(actor_loss_, utils.params(actor), s, a)
+            utils.adam_step_(actor_opt, actor_grads)
+            actor_loss.copy_(loss)
+            torch._foreach_lerp_(target, online, args.tau)
+        return torch.stack([qf_loss, actor_loss])
+
+    update_fn = utils.compiled(update, args, dev, opts, static=(actor_loss,))
 
     def train_step(i: int):
-        with run.bf16():
-            qf_loss, s, a = critic_loss_fn(*batch())
-        qf_loss = optimize(qf_opt, qf_loss)
-        if i % args.policy_freq == 0:
-            with run.bf16():
-                loss = actor_loss_fn(s, a)
-            actor_loss.copy_(optimize(actor_opt, loss, list(actor.parameters())))
-            with torch.no_grad():
-                torch._foreach_lerp_(target, online, args.tau)
-        return torch.stack([qf_loss, actor_loss])
+        return update_fn(i % args.policy_freq == 0)
 
     def eval_policy():  # the deterministic actor on normalised states, a CPU copy
         net, mean, std = copy.deepcopy(actor).cpu(), *(torch.as_tensor(v).cpu() for v in (s_mean, s_std))

@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple, Optional
 import minari
 import numpy as np
 import torch
+import torch._dynamo
 import torch._inductor.config
 import torch.nn as nn
 import torch.utils.flop_counter
@@ -366,15 +367,83 @@ def optimize(opt, loss: torch.Tensor, params: Optional[list] = None, clip=None) 
     return loss.detach()
 
 
-def compiled(fn, args, dev: torch.device):
-    """`fn` (a forward pass to a loss) compiled by torch.compile when --compile: inductor fuses the elementwise work of
-    the forward and, through AOTAutograd, of the backward around the matmuls; the optimizer steps stay eager (fused
-    Adam: one kernel each). On CUDA, mode reduce-overhead replays the forward and the backward as CUDA graphs. Compiled
-    code draws the same random numbers as eager code (fallback_random)."""
+def compiled(fn, args, dev: torch.device, opts: tuple = (), static: tuple = ()):
+    """`fn` compiled by torch.compile when --compile. For stage 5, `fn` is the whole update (batch draw, forward,
+    gradients by grad_and_value, Adam steps by adam_step_, target update), so inductor fuses its elementwise work around
+    the matmuls and one compiled call replaces some hundred Python-level operator calls. On CUDA, mode
+    reduce-overhead replays it as a CUDA graph; the tensors that it updates in place beyond the modules' parameters
+    (the state of `opts`, read at the first call, after a checkpoint has been loaded, and `static`) are marked
+    static there, so that the graph can be captured. Compiled code draws the same random numbers as eager code
+    (fallback_random)."""
     if not args.compile:
         return fn
     torch._inductor.config.fallback_random = True
-    return torch.compile(fn, dynamic=False, mode="reduce-overhead" if dev.type == "cuda" else None)
+    fn_c = torch.compile(fn, dynamic=False, mode="reduce-overhead" if dev.type == "cuda" else None)
+    if dev.type != "cuda":
+        return fn_c
+    marked = []
+
+    def call(*a, **kw):
+        if not marked:
+            for t in [t for o in opts for st in o.state.values() for t in st.values()] + list(static):
+                torch._dynamo.mark_static_address(t)
+            marked.append(True)
+        return fn_c(*a, **kw)
+
+    return call
+
+
+def params(net: nn.Module) -> dict:
+    """`net`'s parameters by name: the form in which torch.func.functional_call and torch.func.grad take them."""
+    return dict(net.named_parameters())
+
+
+def grad_and_value(loss_fn: Callable, params, *args):
+    """(gradients of loss_fn(params, *args)'s loss with respect to `params`, in its form (a dict of parameters, or a
+    tuple of them), (loss, aux)); loss_fn returns (loss, aux). Inside torch.compile: torch.func.grad_and_value, which
+    dynamo traces into the update's graph (torch.autograd.grad would break it). Eager: torch.autograd.grad, which
+    runs there at twice the rate of torch.func's transforms. Both give the same gradients (tests/test_v2a.py)."""
+    if torch.compiler.is_compiling():
+        return torch.func.grad_and_value(loss_fn, has_aux=True)(params, *args)
+    groups = params if isinstance(params, tuple) else (params,)
+    with torch.enable_grad():
+        loss, aux = loss_fn(params, *args)
+        grads = iter(torch.autograd.grad(loss, [p for g in groups for p in g.values()]))
+    by_name = tuple({k: next(grads) for k in g} for g in groups)
+    return (by_name if isinstance(params, tuple) else by_name[0]), (loss.detach(), aux)
+
+
+def init_adam_state(opt: torch.optim.Adam) -> torch.optim.Adam:
+    """Create the state that torch.optim.Adam creates at its first step (step counter, first and second moments), so
+    that adam_step_ can run inside a compiled function from the first step; load_state_dict replaces it as usual."""
+    for p in opt.param_groups[0]["params"]:
+        opt.state[p] = {"step": torch.zeros((), device=p.device), "exp_avg": torch.zeros_like(p),
+                        "exp_avg_sq": torch.zeros_like(p)}
+    return opt
+
+
+@torch.no_grad()
+def adam_step_(opt: torch.optim.Adam, grads: dict):
+    """torch.optim.Adam's update (no weight decay, no amsgrad; lr may be a tensor) of `opt`'s parameters with `grads`
+    (a dict in their order, as torch.func.grad returns it), written with foreach ops: it compiles into the surrounding
+    update, where opt.step() would break the graph. It reads and writes Adam's own state (init_adam_state), so
+    state_dict, lr schedulers and checkpoints work unchanged; the arithmetic is fused Adam's up to float rounding."""
+    group, g = opt.param_groups[0], list(grads.values())
+    (beta1, beta2), eps, lr = group["betas"], group["eps"], group["lr"]
+    state = [opt.state[p] for p in group["params"]]
+    steps, exp_avg, exp_avg_sq = ([st[k] for st in state] for k in ("step", "exp_avg", "exp_avg_sq"))
+    torch._foreach_add_(steps, 1)
+    torch._foreach_lerp_(exp_avg, g, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sq, beta2)
+    torch._foreach_addcmul_(exp_avg_sq, g, g, value=1 - beta2)
+    # every parameter's counter has the same value; the bias corrections in float64 as fused Adam computes them (in
+    # float32, 1 - 0.999^t loses five digits to cancellation)
+    step = steps[0].double()
+    bias_correction1, bias_correction2_sqrt = 1 - beta1**step, (1 - beta2**step).sqrt()
+    denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(exp_avg_sq), bias_correction2_sqrt), eps)
+    update = torch._foreach_div(exp_avg, denom)
+    torch._foreach_mul_(update, lr / bias_correction1)
+    torch._foreach_sub_(group["params"], update)
 
 
 def bench_stage(name: str, step_fn, steps: int, warmup: int = 20, matmul_gflops: float = 0.0):

@@ -222,6 +222,24 @@ def test_log_freq_does_not_change_training(iql_run, tiny_data, tmp_path):
             assert torch.equal(w, final[1][net][name]), f"{net}.{name} depends on --log-freq"
 
 
+def test_resume_equals_uninterrupted_run(iql_run, tiny_data, tmp_path):
+    """A run stopped after its stage-5 checkpoint at step 50 and continued with --resume ends with the weights and the
+    optimizer state of the run that was not stopped, bit for bit. (v2a_td3bc.py: without an lr schedule, a 50-step
+    run continued to 100 steps is exactly a 100-step run interrupted at 50.)"""
+    argv = tiny_data["base_args"] + TINY
+    whole = train("v2a_td3bc", argv + ["--reuse-stages", iql_run], tmp_path / "whole")
+    half = train("v2a_td3bc", argv + ["--reuse-stages", iql_run, "--total-steps", "50"], tmp_path / "half")
+    train("v2a_td3bc", argv + ["--resume", half], tmp_path / "half")
+    a, b = (torch.load(os.path.join(d, "stage5.pt"), weights_only=False) for d in (whole, half))
+    assert a["step"] == b["step"] == 100
+    for net in ("actor", "qf", "actor_target", "qf_target"):
+        for name, w in a[net].items():
+            assert torch.equal(w, b[net][name]), f"{net}.{name} differs after --resume"
+    for opt_a, opt_b in zip(a["opts"], b["opts"]):
+        for state_a, state_b in zip(opt_a["state"].values(), opt_b["state"].values()):
+            assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
 # ---- the data_gen.py child ------------------------------------------------------------------------------------------
 def children(pid: int) -> list[int]:
     out = []

@@ -129,6 +129,51 @@ def test_ensemble_mlp_is_independent_members():
     assert (dec.b[0] == 0.1).all() and dec.w[-1].abs().max() <= 3e-3
 
 
+def test_adam_step_matches_torch_adam():
+    """The stage-5 update steps Adam with adam_step_ (foreach ops, so that it compiles into the update). From the same
+    gradients it makes the same parameters as torch.optim.Adam (fused) to float rounding, through the first steps where
+    the bias corrections dominate and for gradients down to Adam's eps; its state_dict is Adam's own."""
+    torch.manual_seed(0)
+    ref_net = v.mlp(5, 2, hidden=16)
+    net = v.mlp(5, 2, hidden=16)
+    net.load_state_dict(ref_net.state_dict())
+    ref = torch.optim.Adam(ref_net.parameters(), lr=torch.tensor(3e-4), fused=True)
+    opt = v2a_utils.init_adam_state(torch.optim.Adam(net.parameters(), lr=torch.tensor(3e-4), fused=True))
+    for step in range(40):
+        grads = {k: torch.randn_like(p) * 10.0 ** -(step % 9) for k, p in net.named_parameters()}
+        for (k, p) in ref_net.named_parameters():
+            p.grad = grads[k].clone()
+        ref.step()
+        v2a_utils.adam_step_(opt, grads)
+        for a, b in zip(ref_net.parameters(), net.parameters()):
+            assert torch.allclose(a, b, rtol=0, atol=2e-7), step
+    for a, b in zip(ref.state_dict()["state"].values(), opt.state_dict()["state"].values()):
+        assert a.keys() == b.keys() and a["step"] == b["step"] == 40
+        assert torch.allclose(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-5, atol=0)
+
+
+def test_grad_and_value_compiled_and_eager_forms_agree():
+    """Stage 5 takes its gradients with utils.grad_and_value: torch.func's transform inside torch.compile, autograd in
+    eager mode. On a tuple of parameter dicts (IQL's Q-and-actor loss) the two give the same gradients, bit for bit."""
+    torch.manual_seed(0)
+    qf, actor, x, y = v.EnsembleMLP(2, 14, 1), v.mlp(11, 6), torch.randn(192, 14), torch.randn(192)
+
+    def loss_fn(params, x, y):
+        q_loss = v.td_loss(torch.func.functional_call(qf, params[0], x).squeeze(-1), y)
+        actor_loss = (torch.func.functional_call(actor, params[1], x[:, :11]) ** 2).mean()
+        return q_loss + actor_loss, q_loss.detach()
+
+    params = (v2a_utils.params(qf), v2a_utils.params(actor))
+    with torch.no_grad():  # as in the update: the gradients come from the helper alone
+        eager, (loss, aux) = v2a_utils.grad_and_value(loss_fn, params, x, y)
+        func, (loss_f, aux_f) = torch.func.grad_and_value(loss_fn, has_aux=True)(params, x, y)
+    assert torch.equal(loss, loss_f) and torch.equal(aux, aux_f)
+    for g_eager, g_func in zip(eager, func):
+        assert g_eager.keys() == g_func.keys()
+        for k in g_eager:
+            assert torch.equal(g_eager[k], g_func[k]), k
+
+
 def test_encoder_reads_the_last_valid_step():
     """The packed GRU gives, for each padded sequence, the state after its own last valid step: the same as running
     the sequence alone without padding."""
