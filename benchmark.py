@@ -241,6 +241,7 @@ def execute(spec: dict) -> dict:
         cmd += ["--resume", os.path.relpath(tdir, run_dir)]
     env = dict(os.environ, **spec["env"], OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log_path, t0 = os.path.join(run_dir, "train.log"), time.time()
+    code = code_version(os.path.dirname(os.path.abspath(spec["script"])))  # at the start: the checkout may move meanwhile
     try:
         rc = launch_and_wait(cmd, run_dir, env, log_path, lock, state, t0)
     finally:
@@ -249,7 +250,7 @@ def execute(spec: dict) -> dict:
     record = read_json(record_path) or dict(spec=spec, attempts=[])
     record["spec"] = spec
     record["attempts"].append(dict(start=t0, end=time.time(), rc=rc, state=state, cmd=cmd, machine=machine(),
-                                   code=code_version(os.path.dirname(os.path.abspath(spec["script"])))))
+                                   code=code))
     write_json(record_path, record)
     out.update(rc=rc, seconds=time.time() - t0, tail="" if rc == 0 else tail(log_path))
     if spec["export_dir"]:
