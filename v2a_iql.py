@@ -645,14 +645,12 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     actor, qf, vf = mlp(ds, 2 * da).to(dev), EnsembleMLP(2, ds + da, 1).to(dev), mlp(ds, 1).to(dev)
     qf_t = copy.deepcopy(qf).requires_grad_(False)
     # the actor's lr is a tensor, so the cosine schedule changes a value, not the compiled code
-    opts = vf_opt, qf_opt, actor_opt = [run.adam(net.parameters(), lr=torch.tensor(args.learning_rate, device=dev))
-                                        for net in (vf, qf, actor)]
+    opts = vf_opt, qf_opt, actor_opt = [
+        utils.init_adam_state(run.adam(net.parameters(), lr=torch.tensor(args.learning_rate, device=dev)))
+        for net in (vf, qf, actor)]
     scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=args.total_steps)]
     # adam_step_ takes the place of actor_opt.step(), which the scheduler would otherwise expect to see called first
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
-
-    for opt in opts:
-        utils.init_adam_state(opt)
 
     def v_loss(vf_params: dict, x: torch.Tensor):
         with torch.no_grad():
@@ -686,8 +684,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
                 q_and_actor_loss, (utils.params(qf), utils.params(actor)), x, w, u)
         utils.adam_step_(qf_opt, qf_grads)
         utils.adam_step_(actor_opt, actor_grads)
-        with torch.no_grad():
-            torch._foreach_lerp_(list(qf_t.parameters()), list(qf.parameters()), args.tau)
+        torch._foreach_lerp_(list(qf_t.parameters()), list(qf.parameters()), args.tau)
         return torch.stack([vf_loss, qf_loss, actor_loss])
 
     update_fn = utils.compiled(update, args, dev, opts)

@@ -587,14 +587,11 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     ds, da, data, Ns = d["ds"], d["da"], d["data"], d["n_src"]
     actor, qf = nn.Sequential(mlp(ds, da), nn.Tanh()).to(dev), EnsembleMLP(2, ds + da, 1).to(dev)
     actor_t, qf_t = copy.deepcopy(actor).requires_grad_(False), copy.deepcopy(qf).requires_grad_(False)
-    opts = qf_opt, actor_opt = [run.adam(net.parameters()) for net in (qf, actor)]
+    opts = qf_opt, actor_opt = [utils.init_adam_state(run.adam(net.parameters())) for net in (qf, actor)]
     actor_loss = torch.zeros((), device=dev)  # the last actor loss, logged on the steps without an actor update
     # statistics of the target data: the policy acts in the target env, and they do not move with the filter
     s_mean, s_std = (data[Ns:, :ds].mean(0), data[Ns:, :ds].std(0) + 1e-3) if args.normalize_states else (0.0, 1.0)
     online, target = [*qf.parameters(), *actor.parameters()], [*qf_t.parameters(), *actor_t.parameters()]
-
-    for opt in opts:
-        utils.init_adam_state(opt)
 
     def critic_loss(qf_params: dict, x: torch.Tensor, w: Optional[torch.Tensor]):
         s, a, r, s2, done = split(x, ds, da)
