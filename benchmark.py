@@ -48,7 +48,8 @@ class Run:
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     """values of the scripts' --seed"""
     grid: list[str] = field(default_factory=list)
-    """more grid axes, `flag=v1,v2` each (flag as the script spells it, without --), e.g. target-size=5000,100000"""
+    """more grid axes, `flag=v1,v2` each (flag as the script spells it, without --), e.g. target-size=5000,100000;
+    a boolean flag takes true,false (e.g. bf16=false,true: --no-bf16 / --bf16)"""
     workers: int = os.cpu_count() or 1
     """local pool: runs at the same time (one CPU thread each); with --ray-address local, the CPUs of the local Ray"""
     ray_address: Optional[str] = None
@@ -120,6 +121,13 @@ def absolute_paths(argv: list[str]) -> list[str]:
     return out
 
 
+def grid_flag(flag: str, value: str) -> list[str]:
+    """A grid value as argv: true/false switch a boolean flag (`--bf16` / `--no-bf16`, tyro's spelling); others pass on."""
+    if value.lower() in ("true", "false"):
+        return [f"--{flag}" if value.lower() == "true" else f"--no-{flag}"]
+    return [f"--{flag}", value]
+
+
 def make_specs(cfg: Run, extra: list[str], launch: str = "") -> list[dict]:
     """One spec (plain JSON: it travels to Ray workers) per run of the grid."""
     for a in extra:
@@ -143,7 +151,7 @@ def make_specs(cfg: Run, extra: list[str], launch: str = "") -> list[dict]:
             raise SystemExit(f"benchmark.py: error: no training script {path}")
         stem = os.path.basename(path)[:-3]
         name = "__".join([stem, variant, *([",".join(f"{k}={v}" for k, v in combo)] if combo else []), f"s{seed}"])
-        argv = absolute_paths(["--variant", variant, "--seed", str(seed), *[x for k, v in combo for x in (f"--{k}", v)],
+        argv = absolute_paths(["--variant", variant, "--seed", str(seed), *[x for k, v in combo for x in grid_flag(k, v)],
                                *extra])
         specs.append(dict(sweep=cfg.sweep, name=name, script=path, variant=variant, seed=seed, grid=dict(combo),
                           argv=argv, run_dir=os.path.abspath(os.path.join(cfg.runs_root, cfg.sweep, name)),
