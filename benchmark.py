@@ -653,6 +653,15 @@ def plot_curves(tasks: dict, path: str, seed: int):
     plt.close(fig)
 
 
+def central_range(hists: list, lo: float = 0.01, hi: float = 0.99) -> tuple[float, float]:
+    """The lo and hi quantiles of pooled histograms given as (right bucket edge, count) pairs."""
+    edges, counts = np.array(sorted(p for h in hists for p in h)).T
+    cdf = np.cumsum(counts) / counts.sum()
+    a, b = edges[np.searchsorted(cdf, lo, side="right")], edges[min(np.searchsorted(cdf, hi), len(edges) - 1)]
+    pad = 0.05 * (b - a) or 1.0
+    return float(a - pad), float(b + pad)
+
+
 def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
     """The z embedding (v2a), the advantage per domain x quality (v2a, dvdf), stage 1's curves (every run with a
     stage 1), the kept fractions (filtered variants); from the lowest seed of each variant for the first two, every
@@ -694,11 +703,17 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
             with open(os.path.join(r["dir"], "adv_hist.csv")) as fh:
                 for row in csv.DictReader(fh):
                     groups.setdefault(row["group"], []).append((float(row["right_edge"]), float(row["count"])))
+            # TensorBoard's buckets grow exponentially away from 0 (some are 1e-12 wide): re-bin them uniformly over the
+            # central range (each bucket's count spread over its span), or a few far outliers squeeze the bodies to a line
+            lo, hi = central_range(list(groups.values()))
+            bins = np.linspace(lo, hi, 61)
             for g, pts in sorted(groups.items()):
-                edges, counts = np.array(pts).T  # right bucket edges: widths from the previous edge
-                widths = np.diff(edges, prepend=2 * edges[0] - edges[1]) if len(edges) > 1 else np.ones(1)
-                ax.step(edges, counts / counts.sum() / widths, where="pre", label=g)
-            ax.set(title=f"advantage A per domain-quality ({r['method']}, seed {r['seed']})", xlabel="A", ylabel="density")
+                edges, counts = np.array(pts).T
+                cdf = np.interp(bins, edges, np.cumsum(counts) / counts.sum())
+                ax.step(bins[1:], np.diff(cdf) / np.diff(bins), where="pre", label=g)
+            ax.set_xlim(lo, hi)
+            ax.set(title=f"advantage A per domain-quality ({r['method']}, seed {r['seed']})",
+                   xlabel="A (1st-99th percentile of all groups shown)", ylabel="density")
             ax.legend(fontsize=7)
         fig.tight_layout()
         made.append(f"adv_{slug}.png")

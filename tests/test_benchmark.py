@@ -275,3 +275,11 @@ def test_report_statistics_by_hand(tmp_path):
     assert pngs == ["adv_Hopper-v4_iql_t100000.png", "curves_fx.png", "kept_Hopper-v4_iql_t100000.png",
                     "stage1_Hopper-v4_iql_t100000.png", "z_Hopper-v4_iql_t100000.png"]
     assert all(f"({os.path.basename(cfg.figures)}/{p})" in md for p in pngs)
+
+
+def test_central_range_of_pooled_histograms():
+    """The advantage figure's x range: the 1st to 99th percentile of all groups (5 % padding), not the far outliers."""
+    body = [(float(e), 10.0) for e in range(-5, 6)]  # 110 rows between -5 and 5
+    lo, hi = benchmark.central_range([body, [(-1000.0, 1.0)], [(500.0, 1.0)]])
+    assert (lo, hi) == pytest.approx((-5 - 0.5, 5 + 0.5))
+    assert benchmark.central_range([[(2.0, 3.0)]]) == (1.0, 3.0)  # one bucket: a unit pad
