@@ -805,7 +805,7 @@ def report(cfg: Report) -> dict:
             else:
                 L.append(f"| {m} | 0 | {unf} | – | – | – | – |")
         L += ["", "Ranking V2A > DVDF > IGDF > merged (by the IQM and its 95 % CI):", "", *ranking_lines(st), ""]
-        for f in plot_diagnostics(task, truns, cfg.figures):
+        for f in plot_diagnostics(task, [r for r in truns if r["finished"]], cfg.figures):  # the runs of the table
             L += [f"![{f}]({fig_rel}/{f})", ""]
     if tasks:
         L += ["## Learning curves", "", "Normalized score at each evaluation: mean over seeds, shaded 95 % percentile-"
