@@ -201,10 +201,14 @@ def run_state(spec: dict) -> tuple[str, Optional[str]]:
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
+        return True
+    try:  # a killed process that nobody has reaped yet (a zombie) answers the signal too
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return True
 
 
@@ -250,15 +254,18 @@ def execute(spec: dict) -> dict:
     env = dict(os.environ, **spec["env"], OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log_path, t0 = os.path.join(run_dir, "train.log"), time.time()
     code = code_version(os.path.dirname(os.path.abspath(spec["script"])))  # at the start: the checkout may move meanwhile
+    # the attempt is on record from its start: a runner killed outright (a machine's session ending) leaves it open
+    record_path = os.path.join(run_dir, "benchmark.json")
+    record = read_json(record_path) or dict(spec=spec, attempts=[])
+    record["spec"] = spec
+    close_killed_attempts(record["attempts"], log_path)
+    record["attempts"].append(dict(start=t0, end=None, rc=None, state=state, cmd=cmd, machine=machine(), code=code))
+    write_json(record_path, record)
     try:
         rc = launch_and_wait(cmd, run_dir, env, log_path, lock, state, t0)
     finally:
         os.remove(lock)
-    record_path = os.path.join(run_dir, "benchmark.json")
-    record = read_json(record_path) or dict(spec=spec, attempts=[])
-    record["spec"] = spec
-    record["attempts"].append(dict(start=t0, end=time.time(), rc=rc, state=state, cmd=cmd, machine=machine(),
-                                   code=code))
+    record["attempts"][-1].update(end=time.time(), rc=rc)
     write_json(record_path, record)
     out.update(rc=rc, seconds=time.time() - t0, tail="" if rc == 0 else tail(log_path))
     if spec["export_dir"]:
@@ -267,6 +274,15 @@ def execute(spec: dict) -> dict:
         except Exception as e:  # an export problem must not fail the run: `report` exports again
             out["tail"] += f"\n(export failed: {type(e).__name__}: {e})"
     return out
+
+
+def close_killed_attempts(attempts: list[dict], log_path: str):
+    """Attempts still open from a runner that was killed: they ended at the last write to train.log (progress lines
+    come every few seconds), with no exit status."""
+    for a in attempts:
+        if a.get("end") is None:
+            last_write = os.path.getmtime(log_path) if os.path.exists(log_path) else a["start"]
+            a.update(end=max(a["start"], last_write), rc=None, killed=True)
 
 
 def launch_and_wait(cmd: list[str], run_dir: str, env: dict, log_path: str, lock: str, state: str, t0: float) -> int:
@@ -489,8 +505,10 @@ def export_run(run_dir: str, dest: str, max_points: int = 250):
     write_json(os.path.join(dest, "run.json"), dict(
         spec={k: v for k, v in record.get("spec", {}).items() if k not in ("run_dir", "export_dir", "env", "script")},
         script=os.path.basename(record.get("spec", {}).get("script", "")), trainer_dir=os.path.basename(tdir),
-        attempts=[{k: a.get(k) for k in ("start", "end", "rc", "state", "machine", "code")} for a in attempts],
-        wall_s=sum(a["end"] - a["start"] for a in attempts) if attempts else (max(wall) - min(wall) if wall else None)))
+        attempts=[{k: a.get(k) for k in ("start", "end", "rc", "state", "machine", "code", "killed") if k in a}
+                  for a in attempts],  # an attempt in flight has no end yet: it counts until now
+        wall_s=sum((a["end"] or time.time()) - a["start"] for a in attempts) if attempts else
+        (max(wall) - min(wall) if wall else None)))
     for f in ("args.json", "results.json"):
         if os.path.exists(os.path.join(tdir, f)):
             write_json(os.path.join(dest, f), read_json(os.path.join(tdir, f)))

@@ -5,8 +5,11 @@ import csv
 import glob
 import json
 import os
+import signal
 import subprocess
+import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -108,6 +111,36 @@ def test_local_pool_finishes_and_skips(sweep, capsys):
 def test_local_pool_resumes_a_killed_run(sweep, capsys):
     launch, tmp_path = sweep
     check_killed_run_resumed(lambda crash: launch("--workers", "2", crash=crash), tmp_path, capsys)
+
+
+def test_a_killed_runner_leaves_its_attempt_on_record(sweep):
+    """The runner itself killed outright (as a machine's session ends): the relaunch resumes the run and the record
+    keeps the killed attempt, closed at the log's last write, so wall time and core-hours count it."""
+    _, tmp_path = sweep
+    argv = ["run", "--sweep", "t", "--scripts", str(tmp_path / "fake_trainer.py"), "--variants", "a", "--seeds", "1",
+            "--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "results"), "--no-data-gen",
+            "--workers", "1", "--", "--total-steps", "60"]
+    run_dir = tmp_path / "runs" / "t" / "fake_trainer__a__s1"
+    runner = subprocess.Popen([sys.executable, "-c", f"import sys, benchmark; sys.exit(benchmark.main({argv!r}))"],
+                              cwd=os.path.dirname(benchmark.__file__))
+    deadline = time.time() + 60
+    while not (run_dir / "train.log").exists() or "step 5" not in (run_dir / "train.log").read_text():
+        assert time.time() < deadline and runner.poll() is None, "the run did not start"
+        time.sleep(0.05)
+    trainer_pid = json.load(open(run_dir / ".lock"))[1]
+    for pid in (runner.pid, trainer_pid):
+        os.kill(pid, signal.SIGKILL)
+    runner.wait()
+    killed_at = time.time()
+    while benchmark.pid_alive(trainer_pid) and time.time() < killed_at + 10:  # until init has reaped the orphan
+        time.sleep(0.05)
+    assert benchmark.main(argv) == 0
+    first, second = json.load(open(run_dir / "benchmark.json"))["attempts"]
+    assert (first["state"], first["rc"], first.get("killed"), second["state"], second["rc"]) == ("new", None, True,
+                                                                                                 "resume", 0)
+    assert first["start"] < first["end"] <= killed_at + 1  # closed at the killed process's last log line
+    exported = json.load(open(tmp_path / "results" / "t" / "fake_trainer__a__s1" / "run.json"))
+    assert exported["wall_s"] == pytest.approx(sum(a["end"] - a["start"] for a in (first, second)))
 
 
 def test_launch_order_resumes_first_then_seed_major(sweep, capsys):
