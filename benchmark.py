@@ -616,6 +616,9 @@ def task_stats(runs: list[dict], reps: int, poi_reps: int, seed: int) -> dict:
     return out
 
 
+MIN_SEEDS_FOR_VERDICT = 3  # with fewer seeds the bootstrap CIs are the runs themselves: "disjoint" would say nothing
+
+
 def ranking_lines(stats: dict) -> list[str]:
     """Whether v2a > dvdf > igdf > merged holds, pair by pair, by the IQM and its 95 % CIs (per group of grid flags)."""
     lines, ms = [], stats["methods"]
@@ -623,8 +626,10 @@ def ranking_lines(stats: dict) -> list[str]:
         names = [" ".join(filter(None, [v, suffix])) for v in RANKING]
         pairs = [(a, b) for a, b in zip(names, names[1:])]
         for a, b in pairs:
-            if a not in ms or b not in ms:
-                lines.append(f"- `{a}` > `{b}`: not testable yet (a method has no finished run)")
+            if a not in ms or b not in ms or min(ms[a]["n"], ms[b]["n"]) < MIN_SEEDS_FOR_VERDICT:
+                have = ", ".join(f"{m}: {ms[m]['n'] if m in ms else 0}" for m in (a, b))
+                lines.append(f"- `{a}` > `{b}`: not testable yet (finished seeds {have}; a verdict needs "
+                             f"{MIN_SEEDS_FOR_VERDICT} of each)")
                 continue
             (la, ha), (lb, hb) = ms[a]["iqm_ci"], ms[b]["iqm_ci"]
             verdict = ("**holds beyond the CIs** (disjoint)" if la > hb else "**reversed beyond the CIs**" if ha < lb else
@@ -636,7 +641,8 @@ def ranking_lines(stats: dict) -> list[str]:
             a, bb = names[0], " ".join(filter(None, [b, suffix]))
             if a in ms and bb in ms and ms[bb]["mean"]:
                 gain = 100 * (ms[a]["mean"] - ms[bb]["mean"]) / abs(ms[bb]["mean"])
-                lines.append(f"- mean of `{a}` relative to `{bb}`: {gain:+.1f} % (paper: +{paper} %)")
+                lines.append(f"- mean of `{a}` (n={ms[a]['n']}) relative to `{bb}` (n={ms[bb]['n']}): {gain:+.1f} % "
+                             f"(paper: +{paper} %)")
     return lines
 
 

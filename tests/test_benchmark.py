@@ -298,8 +298,15 @@ def test_report_statistics_by_hand(tmp_path):
     assert "| v2a | 8 | 0 | 45.0 ± 8.7 | 45.0 [" in md and "| dvdf | 8 | 0 | 40.0 ± " in md
     assert "| igdf | 0 | 1 | – |" in md and "0.56 [" in md and "TODO (lead)" in md
     assert "`v2a` > `dvdf`: holds for the IQM only; the CIs overlap" in md
-    assert "`dvdf` > `igdf`: not testable yet" in md and "+12.5 % (paper: +13.7 %)" in md
+    assert "`dvdf` > `igdf`: not testable yet" in md and "(n=8) relative to `dvdf` (n=8): +12.5 % (paper: +13.7 %)" in md
     assert "python benchmark.py run --sweep fx" in md and "| 1.00 [1.00, 1.00] |" in md
+    fake_export(res, "merged", 1, 1.0)  # one seed: its 'CI' is the run itself, so no verdict against it
+    fake_export(res, "igdf", 2, 9.0)
+    fake_export(res, "igdf", 3, 8.0)
+    benchmark.report(cfg)
+    md = open(cfg.out).read()
+    assert "`igdf` > `merged`: not testable yet (finished seeds igdf: 2, merged: 1; a verdict needs 3 of each)" in md
+    assert "`dvdf` > `igdf`: not testable yet (finished seeds dvdf: 8, igdf: 2;" in md
     (res / "reading.md").write_text("V2A ends above DVDF in 5 of 8 seeds.\n")  # the hand-written reading is kept
     benchmark.report(cfg)
     md = open(cfg.out).read()
