@@ -49,7 +49,7 @@ class Run:
     """values of the scripts' --seed"""
     grid: list[str] = field(default_factory=list)
     """more grid axes, `flag=v1,v2` each (flag as the script spells it, without --), e.g. target-size=5000,100000;
-    a boolean flag takes true,false (e.g. bf16=false,true: --no-bf16 / --bf16)"""
+    a boolean flag takes true,false (e.g. normalize-states=false,true: --no-normalize-states / --normalize-states)"""
     workers: int = os.cpu_count() or 1
     """local pool: runs at the same time (one CPU thread each); with --ray-address local, the CPUs of the local Ray"""
     ray_address: Optional[str] = None
@@ -122,7 +122,7 @@ def absolute_paths(argv: list[str]) -> list[str]:
 
 
 def grid_flag(flag: str, value: str) -> list[str]:
-    """A grid value as argv: true/false switch a boolean flag (`--bf16` / `--no-bf16`, tyro's spelling); others pass on."""
+    """A grid value as argv: true/false switch a boolean flag (`--flag` / `--no-flag`, tyro's spelling); others pass on."""
     if value.lower() in ("true", "false"):
         return [f"--{flag}" if value.lower() == "true" else f"--no-{flag}"]
     return [f"--{flag}", value]

@@ -105,9 +105,6 @@ class Args:
     reuse_stages: Optional[str] = None
     """`runs/<name>`: load stages 1-4 of that run and train stage 5 afresh (lambda / xi sweeps); the stages must
     come from the same datasets, seed, variant stages and stage flags (either script)"""
-    bf16: bool = False
-    """opt-in: bf16 autocast of the TC-ELBO decoder and of the stage-5 losses (changes the numerics; docs give its
-    measured speed and effect)"""
     compile: bool = True
     """compile the whole stage-5 update with torch.compile (on CUDA as a CUDA graph): 1.2-1.7x the eager rate on a
     CPU core, after a cold compile of 1-2 min (inductor caches it; later runs take about 20 s). `--no-compile` runs the
@@ -416,13 +413,11 @@ def train_encoder(run: Run) -> Optional[TrajectoryEncoder]:
         seq = torch.cat([s, a, s2 - s], -1)
         mu, log_std = encoder(seq, lens)
         z = mu + log_std.exp() * torch.randn_like(mu)  # E-step
-        with run.bf16():
-            rec, kl = tc_elbo_losses(decoder, s, a, s2 - s, mask, z, mu, log_std)
+        rec, kl = tc_elbo_losses(decoder, s, a, s2 - s, mask, z, mu, log_std)
         optimize(enc_opt, rec + KL_BETA * kl, list(encoder.parameters()), GRAD_CLIP)  # decoder frozen
         with torch.no_grad():  # M-step: posterior mean of the updated, frozen encoder
             mu_m = encoder(seq, lens)[0]
-        with run.bf16():
-            rec_m = tc_elbo_losses(decoder, s, a, s2 - s, mask, mu_m, mu_m, log_std.detach())[0]
+        rec_m = tc_elbo_losses(decoder, s, a, s2 - s, mask, mu_m, mu_m, log_std.detach())[0]
         rec_m = optimize(dec_opt, rec_m, list(decoder.parameters()), GRAD_CLIP)
         return torch.stack([rec.detach(), kl.detach(), rec_m])
 
@@ -676,12 +671,10 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     def update():
         """One IQL step as one function (compiled whole with --compile): V, then Q and the actor, then Polyak."""
         x, w = batch()
-        with run.bf16():
-            vf_grads, (vf_loss, u) = utils.grad_and_value(v_loss, utils.params(vf), x)
+        vf_grads, (vf_loss, u) = utils.grad_and_value(v_loss, utils.params(vf), x)
         utils.adam_step_(vf_opt, vf_grads)
-        with run.bf16():
-            (qf_grads, actor_grads), (_, (qf_loss, actor_loss)) = utils.grad_and_value(
-                q_and_actor_loss, (utils.params(qf), utils.params(actor)), x, w, u)
+        (qf_grads, actor_grads), (_, (qf_loss, actor_loss)) = utils.grad_and_value(
+            q_and_actor_loss, (utils.params(qf), utils.params(actor)), x, w, u)
         utils.adam_step_(qf_opt, qf_grads)
         utils.adam_step_(actor_opt, actor_grads)
         torch._foreach_lerp_(list(qf_t.parameters()), list(qf.parameters()), args.tau)

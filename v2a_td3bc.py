@@ -106,9 +106,6 @@ class Args:
     reuse_stages: Optional[str] = None
     """`runs/<name>`: load stages 1-4 of that run and train stage 5 afresh (lambda / xi sweeps); the stages must
     come from the same datasets, seed, variant stages and stage flags (either script)"""
-    bf16: bool = False
-    """opt-in: bf16 autocast of the TC-ELBO decoder and of the stage-5 losses (changes the numerics; docs give its
-    measured speed and effect)"""
     compile: bool = True
     """compile the whole stage-5 update with torch.compile (on CUDA as a CUDA graph): 1.2-1.7x the eager rate on a
     CPU core, after a cold compile of 1-2 min (inductor caches it; later runs take about 20 s). `--no-compile` runs the
@@ -359,13 +356,11 @@ def train_encoder(run: Run) -> Optional[TrajectoryEncoder]:
         seq = torch.cat([s, a, s2 - s], -1)
         mu, log_std = encoder(seq, lens)
         z = mu + log_std.exp() * torch.randn_like(mu)  # E-step
-        with run.bf16():
-            rec, kl = tc_elbo_losses(decoder, s, a, s2 - s, mask, z, mu, log_std)
+        rec, kl = tc_elbo_losses(decoder, s, a, s2 - s, mask, z, mu, log_std)
         optimize(enc_opt, rec + KL_BETA * kl, list(encoder.parameters()), GRAD_CLIP)  # decoder frozen
         with torch.no_grad():  # M-step: posterior mean of the updated, frozen encoder
             mu_m = encoder(seq, lens)[0]
-        with run.bf16():
-            rec_m = tc_elbo_losses(decoder, s, a, s2 - s, mask, mu_m, mu_m, log_std.detach())[0]
+        rec_m = tc_elbo_losses(decoder, s, a, s2 - s, mask, mu_m, mu_m, log_std.detach())[0]
         rec_m = optimize(dec_opt, rec_m, list(decoder.parameters()), GRAD_CLIP)
         return torch.stack([rec.detach(), kl.detach(), rec_m])
 
@@ -610,12 +605,10 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         """One TD3+BC step as one function (compiled whole with --compile, one graph per value of actor_step):
         the critics; with actor_step, the actor on the updated critics and Polyak on both."""
         x, w = batch()
-        with run.bf16():
-            qf_grads, (qf_loss, (s, a)) = utils.grad_and_value(critic_loss, utils.params(qf), x, w)
+        qf_grads, (qf_loss, (s, a)) = utils.grad_and_value(critic_loss, utils.params(qf), x, w)
         utils.adam_step_(qf_opt, qf_grads)
         if actor_step:
-            with run.bf16():
-                actor_grads, (loss, _) = utils.grad_and_value(actor_loss_, utils.params(actor), s, a)
+            actor_grads, (loss, _) = utils.grad_and_value(actor_loss_, utils.params(actor), s, a)
             utils.adam_step_(actor_opt, actor_grads)
             actor_loss.copy_(loss)
             torch._foreach_lerp_(target, online, args.tau)

@@ -203,6 +203,7 @@ def load_data(args, device: torch.device) -> dict:
 # ---- Run integrity: --resume and --reuse-stages load only what the current flags would compute ----------------------
 # flags added after runs were made: absent reads as this default
 NEW_FLAG_DEFAULTS = {"dynamics_score": "contrastive", "dataset_constraint": 0.0, "vae_steps": 10_000}
+REMOVED_FLAG_DEFAULTS = {"bf16": False}  # flags since removed: checkpoints made at their default stay valid
 RESUME_FREE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "generate", "log_freq", "resume",
                "reuse_stages", "bench", "compile", "total_steps")  # flags that do not change results (--total-steps may grow)
 
@@ -214,8 +215,7 @@ def stage_keys(args, records: dict, stages, script: str, constants: dict) -> dic
     Keys of stages 1-4 hold nothing script-specific: both scripts share those stages. `constants`: the script's
     constants per stage (1, 3, and "ot" for the OT score of stage 4)."""
     src = dict(list(records.items())[:-1])  # the target dataset is the last
-    own = {1: dict(data=src, repr_steps=args.repr_steps, z_dim=args.z_dim, lr=args.learning_rate, bf16=args.bf16,
-                   constants=constants[1]),
+    own = {1: dict(data=src, repr_steps=args.repr_steps, z_dim=args.z_dim, lr=args.learning_rate, constants=constants[1]),
            2: {},
            3: dict(data=src, sql_steps=args.sql_steps, sql_alpha=args.sql_alpha, gamma=args.gamma, tau=args.tau,
                    lr=args.learning_rate, constants=constants[3]),
@@ -237,6 +237,9 @@ def differences(old, new, prefix: str = "") -> list[str]:
         return [d for k in dict.fromkeys([*old, *new])
                 for d in differences(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")]
     short = lambda x: "{...}" if isinstance(x, dict) else x if x == "<absent>" else repr(x)[:80]
+    removed = prefix[:-1].rsplit(".", 1)[-1].lstrip("-").replace("-", "_")
+    if new == "<absent>" and removed in REMOVED_FLAG_DEFAULTS and REMOVED_FLAG_DEFAULTS[removed] == old:
+        return []
     return [] if old == new else [f"{prefix[:-1]} {short(old)} (now {short(new)})"]
 
 
@@ -562,10 +565,6 @@ class Run:
 
     def adam(self, params, **kwargs) -> torch.optim.Adam:
         return torch.optim.Adam(params, **{"lr": self.args.learning_rate, "fused": True, **kwargs})
-
-    def bf16(self):
-        """--bf16: bf16 autocast of the TC-ELBO decoder and of the stage-5 losses; otherwise float32 (a no-op)."""
-        return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.args.bf16)
 
     def train(self, name: str, steps: int, step_fn, tags: list, log_every: int, bench_steps: int, warmup: int,
               after_step: Optional[Callable] = None) -> bool:

@@ -206,8 +206,9 @@ def test_bad_grid_and_pass_through_flags(sweep):
                                           "fake_trainer__a__target-size=100000,xi=0.5__s1"]
     assert specs[0]["argv"] == ["--variant", "a", "--seed", "1", "--target-size", "5000", "--xi", "0.5", "--total-steps", "3"]
     specs = benchmark.make_specs(benchmark.Run(scripts=[str(tmp_path / "fake_trainer.py")], variants=["a"], seeds=[1],
-                                               grid=["bf16=false,True"]), [])
-    assert [s["argv"][4:] for s in specs] == [["--no-bf16"], ["--bf16"]]  # a boolean axis switches tyro's flag pair
+                                               grid=["normalize-states=false,True"]), [])
+    # a boolean axis switches tyro's flag pair
+    assert [s["argv"][4:] for s in specs] == [["--no-normalize-states"], ["--normalize-states"]]
     with pytest.raises(SystemExit):
         benchmark.make_specs(benchmark.Run(scripts=[str(tmp_path / "fake_trainer.py")]), ["--seed", "3"])
 

@@ -176,6 +176,22 @@ def test_reuse_stages_refuses_other_settings(case, iql_run, dvdf_run_on_other_da
         assert ".seed 5 (now 0)" in msg  # the data seed is what differs
 
 
+def test_checkpoints_of_a_removed_flag_at_its_default_stay_valid(iql_run, tiny_data, tmp_path):
+    """--bf16 was removed; stages saved by the code that had it carry bf16 in their keys: at its default (False) they
+    are reused, made with --bf16 they are refused."""
+    def with_bf16(value) -> str:
+        run = copy_run(iql_run, tmp_path / f"old_{value}")
+        for p in glob.glob(os.path.join(run, "stage[1-4].pt")):
+            ck = torch.load(p, weights_only=False)
+            ck["key"]["stage1"]["bf16"] = value  # every later stage's key holds stage 1's
+            torch.save(ck, p)
+        return run
+
+    assert train("v2a_iql", tiny_data["base_args"] + TINY + ["--reuse-stages", with_bf16(False)], tmp_path / "a")
+    msg = refused("v2a_iql", tiny_data["base_args"] + TINY + ["--reuse-stages", with_bf16(True)], tmp_path / "b")
+    assert "stage1.bf16 True (now <absent>)" in msg
+
+
 def logged_steps(run_dir) -> dict:
     """(kind, tag) -> every step logged, as TensorBoard reads the run (all event files, no purging)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
