@@ -619,12 +619,13 @@ def task_stats(runs: list[dict], reps: int, poi_reps: int, seed: int) -> dict:
 MIN_SEEDS_FOR_VERDICT = 3  # with fewer seeds the bootstrap CIs are the runs themselves: "disjoint" would say nothing
 
 
-def ranking_lines(stats: dict) -> list[str]:
-    """Whether v2a > dvdf > igdf > merged holds, pair by pair, by the IQM and its 95 % CIs (per group of grid flags)."""
+def ranking_lines(stats: dict, present: set) -> list[str]:
+    """Whether v2a > dvdf > igdf > merged holds, pair by pair, by the IQM and its 95 % CIs (per group of grid flags),
+    for the pairs whose two methods the sweep runs (`present`: the methods with any run, finished or not)."""
     lines, ms = [], stats["methods"]
     for suffix in sorted({m.partition(" ")[2] for m in ms}):
         names = [" ".join(filter(None, [v, suffix])) for v in RANKING]
-        pairs = [(a, b) for a, b in zip(names, names[1:])]
+        pairs = [(a, b) for a, b in zip(names, names[1:]) if a in present and b in present]
         for a, b in pairs:
             if a not in ms or b not in ms or min(ms[a]["n"], ms[b]["n"]) < MIN_SEEDS_FOR_VERDICT:
                 have = ", ".join(f"{m}: {ms[m]['n'] if m in ms else 0}" for m in (a, b))
@@ -828,7 +829,9 @@ def report(cfg: Report) -> dict:
                          f"[{fmt(s['iqm_ci'][0])}, {fmt(s['iqm_ci'][1])}] | {'; '.join(pois) or '–'} | {seeds} |")
             else:
                 L.append(f"| {m} | 0 | {unf} | – | – | – | – |")
-        L += ["", "Ranking V2A > DVDF > IGDF > merged (by the IQM and its 95 % CI):", "", *ranking_lines(st), ""]
+        if ranking := ranking_lines(st, {r["method"] for r in truns}):
+            L += ["", "Ranking V2A > DVDF > IGDF > merged (by the IQM and its 95 % CI):", "", *ranking]
+        L += [""]
         for f in plot_diagnostics(task, [r for r in truns if r["finished"]], cfg.figures):  # the runs of the table
             L += [f"![{f}]({fig_rel}/{f})", ""]
     if tasks:
