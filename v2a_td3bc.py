@@ -598,7 +598,8 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
 
     def actor_loss_(actor_params: dict, s: torch.Tensor, a: torch.Tensor):
         pi = functional_call(actor, actor_params, s)
-        return td3bc_actor_loss(qf(torch.cat([s, pi], -1))[0].squeeze(-1), pi, a, args.alpha), None
+        loss = td3bc_actor_loss(qf(torch.cat([s, pi], -1))[0].squeeze(-1), pi, a, args.alpha)
+        return loss, loss.detach()  # a tensor aux: with None, torch.func.grad_and_value breaks the compiled graph
 
     @torch.no_grad()  # utils.grad_and_value computes the gradients; nothing else needs an autograd graph
     def update(actor_step: bool):
@@ -608,7 +609,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         qf_grads, (qf_loss, (s, a)) = utils.grad_and_value(critic_loss, utils.params(qf), x, w)
         utils.adam_step_(qf_opt, qf_grads)
         if actor_step:
-            actor_grads, (loss, _) = utils.grad_and_value(actor_loss_, utils.params(actor), s, a)
+            actor_grads, (_, loss) = utils.grad_and_value(actor_loss_, utils.params(actor), s, a)
             utils.adam_step_(actor_opt, actor_grads)
             actor_loss.copy_(loss)
             torch._foreach_lerp_(target, online, args.tau)
