@@ -308,6 +308,13 @@ def test_report_statistics_by_hand(tmp_path):
     md = open(cfg.out).read()
     assert "`igdf` > `merged`: not testable yet (finished seeds igdf: 2, merged: 1; a verdict needs 3 of each)" in md
     assert "`dvdf` > `igdf`: not testable yet (finished seeds dvdf: 8, igdf: 2;" in md
+    assert "`target`" not in md  # no target-only run in the sweep: no line about it
+    for seed, score in enumerate((90.0, 95.0, 100.0)):  # target data alone, far above every V2A seed (10..80)
+        fake_export(res, "target", seed + 1, score)
+    benchmark.report(cfg)
+    md = open(cfg.out).read()
+    assert "- `v2a` > `target`: **reversed beyond the CIs** (IQM 45.0 [" in md
+    assert "relative to `target` (n=3): -52.6 %\n" in md  # (45 - 95) / 95, and no paper figure for this pair
     (res / "reading.md").write_text("V2A ends above DVDF in 5 of 8 seeds.\n")  # the hand-written reading is kept
     benchmark.report(cfg)
     md = open(cfg.out).read()
