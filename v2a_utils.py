@@ -383,16 +383,19 @@ def compiled(fn, args, dev: torch.device, opts: tuple = (), static: tuple = ()):
         return fn
     torch._inductor.config.fallback_random = True
     fn_c = torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead" if dev.type == "cuda" else None)
-    if dev.type != "cuda":
-        return fn_c
     marked = []
 
     def call(*a, **kw):
-        if not marked:
+        if dev.type == "cuda" and not marked:
             for t in [t for o in opts for st in o.state.values() for t in st.values()] + list(static):
                 torch._dynamo.mark_static_address(t)
             marked.append(True)
-        return fn_c(*a, **kw)
+        try:
+            return fn_c(*a, **kw)
+        except torch._dynamo.exc.Unsupported as e:  # a fork's change that dynamo cannot trace into the one graph
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise RuntimeError(f"the stage-5 update no longer compiles as one graph (--compile uses fullgraph=True): "
+                               f"{first}. Run with --no-compile, or find the break with TORCH_LOGS=graph_breaks") from e
 
     return call
 

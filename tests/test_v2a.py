@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -172,6 +173,22 @@ def test_grad_and_value_compiled_and_eager_forms_agree():
         assert g_eager.keys() == g_func.keys()
         for k in g_eager:
             assert torch.equal(g_eager[k], g_func[k]), k
+
+
+def test_a_graph_break_in_the_compiled_update_is_an_error():
+    """--compile compiles the stage-5 update as one graph (fullgraph=True): an update that dynamo cannot trace whole
+    stops with a message that names the way out, instead of running part of the update eagerly without a word."""
+    flags = types.SimpleNamespace(compile=True)
+    whole = v2a_utils.compiled(lambda x: (x * 2).sum(), flags, torch.device("cpu"))
+    assert whole(torch.ones(3)).item() == 6.0
+
+    def broken(x):
+        torch._dynamo.graph_break()
+        return x * 2
+
+    with pytest.raises(RuntimeError, match="no longer compiles as one graph.*--no-compile.*TORCH_LOGS=graph_breaks"):
+        v2a_utils.compiled(broken, flags, torch.device("cpu"))(torch.ones(3))
+    assert v2a_utils.compiled(broken, types.SimpleNamespace(compile=False), torch.device("cpu"))(torch.ones(3)).sum() == 6
 
 
 def test_encoder_reads_the_last_valid_step():
