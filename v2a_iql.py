@@ -652,7 +652,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
             q_min_t = qf_t(x[:, : ds + da]).min(0).values.squeeze(-1)
         # u uses V before its update, as the official V2A code and CORL do (Kostrikov et al.'s IQL: the updated V)
         u = q_min_t - functional_call(vf, vf_params, x[:, :ds]).squeeze(-1)
-        return expectile_loss(u, args.expectile), u.detach()
+        return expectile_loss(u, args.expectile), (u.detach(), q_min_t)
 
     def q_and_actor_loss(qf_and_actor_params: tuple, x: torch.Tensor, w: Optional[torch.Tensor], u: torch.Tensor):
         qf_params, actor_params = qf_and_actor_params
@@ -671,14 +671,15 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     def update():
         """One IQL step as one function (compiled whole with --compile): V, then Q and the actor, then Polyak."""
         x, w = batch()
-        vf_grads, (vf_loss, u) = utils.grad_and_value(v_loss, utils.params(vf), x)
+        vf_grads, (vf_loss, (u, q_min_t)) = utils.grad_and_value(v_loss, utils.params(vf), x)
         utils.adam_step_(vf_opt, vf_grads)
         (qf_grads, actor_grads), (_, (qf_loss, actor_loss)) = utils.grad_and_value(
             q_and_actor_loss, (utils.params(qf), utils.params(actor)), x, w, u)
         utils.adam_step_(qf_opt, qf_grads)
         utils.adam_step_(actor_opt, actor_grads)
         torch._foreach_lerp_(list(qf_t.parameters()), list(qf.parameters()), args.tau)
-        return torch.stack([vf_loss, qf_loss, actor_loss])
+        value_means = utils.batch_value_means((q_min_t, q_min_t - u), args.batch_size, args.variant != "target")
+        return torch.stack([vf_loss, qf_loss, actor_loss, *value_means])
 
     update_fn = utils.compiled(update, args, dev, opts)
 
@@ -693,7 +694,8 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
 
     nets = dict(actor=actor, qf=qf, qf_target=qf_t, vf=vf, **({"target_vae": vae} if vae is not None else {}))
     return utils.Learner(nets, opts, scheds,
-                         ["losses/vf_loss", "losses/qf_loss", "losses/actor_loss"], train_step, eval_policy)
+                         ["losses/vf_loss", "losses/qf_loss", "losses/actor_loss", *utils.value_tags(args, ("q", "v"))],
+                         train_step, eval_policy)
 # <<< backbone
 
 

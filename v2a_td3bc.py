@@ -594,7 +594,8 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         with torch.no_grad():
             a2 = smoothed_target_action(actor_t(s2), args.policy_noise, args.noise_clip)
             y = r + args.gamma * (1 - done) * qf_t(torch.cat([s2, a2], -1)).min(0).values.squeeze(-1)
-        return td_loss(functional_call(qf, qf_params, torch.cat([s, a], -1)).squeeze(-1), y, w), (s, a)
+        q = functional_call(qf, qf_params, torch.cat([s, a], -1)).squeeze(-1)
+        return td_loss(q, y, w), (s, a, q.detach().min(0).values)
 
     def actor_loss_(actor_params: dict, s: torch.Tensor, a: torch.Tensor):
         pi = functional_call(actor, actor_params, s)
@@ -606,14 +607,15 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         """One TD3+BC step as one function (compiled whole with --compile, one graph per value of actor_step):
         the critics; with actor_step, the actor on the updated critics and Polyak on both."""
         x, w = batch()
-        qf_grads, (qf_loss, (s, a)) = utils.grad_and_value(critic_loss, utils.params(qf), x, w)
+        qf_grads, (qf_loss, (s, a, q_min)) = utils.grad_and_value(critic_loss, utils.params(qf), x, w)
         utils.adam_step_(qf_opt, qf_grads)
         if actor_step:
             actor_grads, (_, loss) = utils.grad_and_value(actor_loss_, utils.params(actor), s, a)
             utils.adam_step_(actor_opt, actor_grads)
             actor_loss.copy_(loss)
             torch._foreach_lerp_(target, online, args.tau)
-        return torch.stack([qf_loss, actor_loss])
+        value_means = utils.batch_value_means((q_min,), args.batch_size, args.variant != "target")
+        return torch.stack([qf_loss, actor_loss, *value_means])
 
     update_fn = utils.compiled(update, args, dev, opts, static=(actor_loss,))
 
@@ -625,7 +627,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         return lambda obs: net((obs - mean) / std)
 
     return utils.Learner(dict(actor=actor, actor_target=actor_t, qf=qf, qf_target=qf_t), opts, [],
-                         ["losses/qf_loss", "losses/actor_loss"], train_step, eval_policy)
+                         ["losses/qf_loss", "losses/actor_loss", *utils.value_tags(args, ("q",))], train_step, eval_policy)
 # <<< backbone
 
 

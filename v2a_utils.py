@@ -611,6 +611,20 @@ def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys
 
 
 # ---- Stage 5's loop, the same for every backbone ------------------------------------------------------------------
+def value_tags(args, kinds: tuple) -> list:
+    """TensorBoard tags of batch_value_means, e.g. charts/q_target_rows: the critics' scale on the target rows and,
+    where batches hold any, on the source rows (a diagnostic of value drift on the source data)."""
+    rows = ["target_rows"] + (["source_rows"] if args.variant != "target" else [])
+    return [f"charts/{kind}_{r}" for r in rows for kind in kinds]
+
+
+def batch_value_means(values: tuple, n_target: int, source: bool) -> list:
+    """Means of each of `values` (one number per batch row) over a stage-5 batch's target rows (its last n_target
+    rows) and, with `source`, over the source rows before them, in the order of value_tags."""
+    means = [v[-n_target:].mean() for v in values]
+    return means + ([v[:-n_target].mean() for v in values] if source else [])
+
+
 class Learner(NamedTuple):
     """A stage-5 backbone: its networks, optimizers and lr schedules (checkpointed), the names of the losses that
     `step(i)` returns stacked, and `policy()`, a CPU copy of the deterministic policy for evaluation."""
