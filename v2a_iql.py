@@ -678,7 +678,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         utils.adam_step_(qf_opt, qf_grads)
         utils.adam_step_(actor_opt, actor_grads)
         torch._foreach_lerp_(list(qf_t.parameters()), list(qf.parameters()), args.tau)
-        value_means = utils.batch_value_means((q_min_t, q_min_t - u), args.batch_size, args.variant != "target")
+        value_means = utils.batch_value_means((q_min_t, q_min_t - u), args)
         return torch.stack([vf_loss, qf_loss, actor_loss, *value_means])
 
     update_fn = utils.compiled(update, args, dev, opts)

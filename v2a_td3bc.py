@@ -614,7 +614,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
             utils.adam_step_(actor_opt, actor_grads)
             actor_loss.copy_(loss)
             torch._foreach_lerp_(target, online, args.tau)
-        value_means = utils.batch_value_means((q_min,), args.batch_size, args.variant != "target")
+        value_means = utils.batch_value_means((q_min,), args)
         return torch.stack([qf_loss, actor_loss, *value_means])
 
     update_fn = utils.compiled(update, args, dev, opts, static=(actor_loss,))

@@ -611,18 +611,24 @@ def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys
 
 
 # ---- Stage 5's loop, the same for every backbone ------------------------------------------------------------------
+def has_source_rows(args) -> bool:
+    """Whether stage-5 batches hold source rows (before their last batch_size target rows): all variants but target."""
+    return args.variant != "target"
+
+
 def value_tags(args, kinds: tuple) -> list:
     """TensorBoard tags of batch_value_means, e.g. charts/q_target_rows: the critics' scale on the target rows and,
     where batches hold any, on the source rows (a diagnostic of value drift on the source data)."""
-    rows = ["target_rows"] + (["source_rows"] if args.variant != "target" else [])
+    rows = ["target_rows"] + (["source_rows"] if has_source_rows(args) else [])
     return [f"charts/{kind}_{r}" for r in rows for kind in kinds]
 
 
-def batch_value_means(values: tuple, n_target: int, source: bool) -> list:
-    """Means of each of `values` (one number per batch row) over a stage-5 batch's target rows (its last n_target
-    rows) and, with `source`, over the source rows before them, in the order of value_tags."""
-    means = [v[-n_target:].mean() for v in values]
-    return means + ([v[:-n_target].mean() for v in values] if source else [])
+def batch_value_means(values: tuple, args) -> list:
+    """Means of each of `values` (one number per batch row) over a stage-5 batch's target rows (its last batch_size
+    rows) and, where it has any, over the source rows before them, in the order of value_tags."""
+    n = args.batch_size
+    means = [v[-n:].mean() for v in values]
+    return means + ([v[:-n].mean() for v in values] if has_source_rows(args) else [])
 
 
 class Learner(NamedTuple):

@@ -195,8 +195,9 @@ def test_batch_value_means_split_target_and_source_rows():
     """Stage 5 logs the critics' mean on the batch's target rows (its last batch_size rows) and source rows, in the
     order of value_tags; a target-only run has no source rows and logs none."""
     q, v = torch.arange(6.0), torch.arange(6.0) * 10  # rows 0-3: source, rows 4-5: target
-    assert [m.item() for m in v2a_utils.batch_value_means((q, v), 2, True)] == [4.5, 45.0, 1.5, 15.0]
-    assert [m.item() for m in v2a_utils.batch_value_means((q,), 2, False)] == [4.5]
+    mixed, target_only = (types.SimpleNamespace(batch_size=2, variant=var) for var in ("v2a", "target"))
+    assert [m.item() for m in v2a_utils.batch_value_means((q, v), mixed)] == [4.5, 45.0, 1.5, 15.0]
+    assert [m.item() for m in v2a_utils.batch_value_means((q,), target_only)] == [4.5]
     tags = v2a_utils.value_tags(types.SimpleNamespace(variant="v2a"), ("q", "v"))
     assert tags == ["charts/q_target_rows", "charts/v_target_rows", "charts/q_source_rows", "charts/v_source_rows"]
     assert v2a_utils.value_tags(types.SimpleNamespace(variant="target"), ("q",)) == ["charts/q_target_rows"]
