@@ -173,7 +173,8 @@ def trainer_dir(run_dir: str) -> Optional[str]:
 
 def run_state(spec: dict) -> tuple[str, Optional[str]]:
     """("done" | "resume" | "new" | "running", trainer dir). Done: results.json whose last evaluation reached the
-    requested --total-steps (any, when the flag is not given); resume: a run directory with args.json."""
+    requested --total-steps (any, when the flag is not given), here or in the run's export; resume: a run directory
+    with args.json."""
     lock = os.path.join(spec["run_dir"], ".lock")
     if os.path.exists(lock):
         try:
@@ -187,7 +188,7 @@ def run_state(spec: dict) -> tuple[str, Optional[str]]:
             return "running", trainer_dir(spec["run_dir"])
     tdir = trainer_dir(spec["run_dir"])
     if tdir is None:
-        return "new", None
+        return ("done", None) if exported_done(spec) else ("new", None)
     try:
         with open(os.path.join(tdir, "results.json")) as fh:
             last_step = json.load(fh)["evals"][-1][0]
@@ -197,6 +198,22 @@ def run_state(spec: dict) -> tuple[str, Optional[str]]:
     except (OSError, ValueError, KeyError, IndexError):
         pass
     return "resume", tdir
+
+
+def exported_done(spec: dict) -> bool:
+    """A finished run exported under the results root with the same flags, and no run folder here: a fresh clone (or
+    another machine) continues a sweep from its committed results instead of training those runs again."""
+    if not spec.get("export_dir"):
+        return False
+    record, res = (read_json(os.path.join(spec["export_dir"], f)) for f in ("run.json", "results.json"))
+    if not record or not res or not res.get("evals"):
+        return False
+    if record.get("spec", {}).get("argv") != spec["argv"]:
+        print(f"[benchmark] {spec['name']}: the export under {spec['export_dir']} was made with other flags "
+              f"({' '.join(record.get('spec', {}).get('argv', []))}); training the run again overwrites it", flush=True)
+        return False
+    want = flag_value(spec["argv"], "total-steps")
+    return want is None or res["evals"][-1][0] >= int(want)
 
 
 def pid_alive(pid: int) -> bool:

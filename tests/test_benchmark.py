@@ -5,6 +5,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,26 @@ def test_local_pool_finishes_and_skips(sweep, capsys):
     assert launch("--workers", "2") == 0
     assert "4 done" in capsys.readouterr().out
     assert all(a == ["new"] for a in attempts(tmp_path).values())
+
+
+def test_a_fresh_machine_continues_from_the_committed_exports(sweep, capsys):
+    launch, tmp_path = sweep
+    assert launch("--workers", "2") == 0
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone: the exports under results/ are all that is left of the runs
+    shutil.rmtree(tmp_path / "results" / "t" / "fake_trainer__b__s2")
+    capsys.readouterr()
+    assert launch("--workers", "2") == 0
+    assert "3 done, 0 running elsewhere, 0 to resume, 1 to start" in capsys.readouterr().out
+    assert sorted(attempts(tmp_path)) == ["fake_trainer__b__s2"]
+    # an export made with other flags is not this run: it is trained again (and its export replaced)
+    record = tmp_path / "results" / "t" / "fake_trainer__a__s1" / "run.json"
+    rec = json.load(open(record))
+    rec["spec"]["argv"][-1] = "7"
+    record.write_text(json.dumps(rec))
+    assert launch("--workers", "2") == 0
+    out = capsys.readouterr().out
+    assert "fake_trainer__a__s1: the export under" in out and "3 done, 0 running elsewhere, 0 to resume, 1 to start" in out
+    assert json.load(open(record))["spec"]["argv"][-1] == "-1"
 
 
 def test_local_pool_resumes_a_killed_run(sweep, capsys):
