@@ -219,9 +219,21 @@ def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
     return ((expectile - (u < 0).float()).abs() * u**2).mean()
 
 
+def awr_weights(u: torch.Tensor, beta: float) -> torch.Tensor:
+    """Eq. 5.6's advantage weights of the actor's regression: min(exp(beta u), 100)."""
+    return torch.exp(beta * u).clamp(max=100.0)
+
+
 def awr_actor_loss(mean: torch.Tensor, a: torch.Tensor, u: torch.Tensor, beta: float) -> torch.Tensor:
     """Eq. 5.6: mean over batch and action dims of min(exp(beta u), 100) (tanh(mu(s)) - a)^2."""
-    return (torch.exp(beta * u).clamp(max=100.0)[:, None] * (torch.tanh(mean) - a) ** 2).mean()
+    return (awr_weights(u, beta)[:, None] * (torch.tanh(mean) - a) ** 2).mean()
+
+
+def awr_source_share(u: torch.Tensor, beta: float, n_target: int) -> torch.Tensor:
+    """The source rows' share of the batch's total advantage weight (rows before the last n_target): how much of the
+    actor's regression imitates source behaviour. A diagnostic, logged as charts/awr_weight_source_share."""
+    w = awr_weights(u, beta)
+    return w[:-n_target].sum() / w.sum()
 
 
 class TargetVAE(nn.Module):
@@ -679,7 +691,8 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         utils.adam_step_(actor_opt, actor_grads)
         torch._foreach_lerp_(list(qf_t.parameters()), list(qf.parameters()), args.tau)
         value_means = utils.batch_value_means((q_min_t, q_min_t - u), args)
-        return torch.stack([vf_loss, qf_loss, actor_loss, *value_means])
+        awr_share = [awr_source_share(u, args.temperature, args.batch_size)] if utils.has_source_rows(args) else []
+        return torch.stack([vf_loss, qf_loss, actor_loss, *value_means, *awr_share])
 
     update_fn = utils.compiled(update, args, dev, opts)
 
@@ -694,7 +707,8 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
 
     nets = dict(actor=actor, qf=qf, qf_target=qf_t, vf=vf, **({"target_vae": vae} if vae is not None else {}))
     return utils.Learner(nets, opts, scheds,
-                         ["losses/vf_loss", "losses/qf_loss", "losses/actor_loss", *utils.value_tags(args, ("q", "v"))],
+                         ["losses/vf_loss", "losses/qf_loss", "losses/actor_loss", *utils.value_tags(args, ("q", "v")),
+                          *(["charts/awr_weight_source_share"] if utils.has_source_rows(args) else [])],
                          train_step, eval_policy)
 # <<< backbone
 

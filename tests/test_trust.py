@@ -219,6 +219,7 @@ def test_resume_logs_every_step_once(interrupted, iql_run, tiny_data, tmp_path):
     assert logged[("scalars", "losses/info_loss")] == [20] and logged[("scalars", "repr/rec_loss")] == [5, 10, 15, 20]
     assert logged[("scalars", "repr/stage1_domain_probe_acc")] == [20]  # --repr-steps 20 < --log-freq: the last step
     assert logged[("scalars", "eval/return")] == list(range(50, steps + 1, 50))
+    assert ("scalars", "charts/awr_weight_source_share") in logged and ("scalars", "charts/q_source_rows") in logged
     for (kind, tag), at in logged.items():
         assert len(at) == len(set(at)), f"{kind} {tag} logged twice at some step: {at}"
     assert [e[0] for e in json.load(open(os.path.join(run_dir, "results.json")))["evals"]] == list(range(50, steps + 1, 50))

@@ -191,6 +191,13 @@ def test_a_graph_break_in_the_compiled_update_is_an_error():
     assert v2a_utils.compiled(broken, types.SimpleNamespace(compile=False), torch.device("cpu"))(torch.ones(3)).sum() == 6
 
 
+def test_awr_source_share_by_hand():
+    """The source rows' share of the batch's advantage weight min(exp(beta u), 100): rows before the last n_target."""
+    u = torch.tensor([0.0, 0.0, math.log(3.0), 10.0])  # weights 1, 1, 3 and exp(10) clamped to 100
+    assert v.awr_source_share(u, 1.0, n_target=2).item() == pytest.approx(2 / 105)
+    assert v.awr_source_share(u, 1.0, n_target=1).item() == pytest.approx(5 / 105)
+
+
 def test_batch_value_means_split_target_and_source_rows():
     """Stage 5 logs the critics' mean on the batch's target rows (its last batch_size rows) and source rows, in the
     order of value_tags; a target-only run has no source rows and logs none."""
