@@ -709,8 +709,9 @@ def central_range(hists: list, lo: float = 0.01, hi: float = 0.99) -> tuple[floa
 
 def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
     """The z embedding (v2a), the advantage per domain x quality (v2a, dvdf), stage 1's curves (every run with a
-    stage 1), the kept fractions (filtered variants); from the lowest seed of each variant for the first two, every
-    seed for the third, the mean over seeds for the fourth."""
+    stage 1), the kept fractions (filtered variants), the critics' values and the actor's weight on source rows
+    (VALUE_TAGS, the runs that log them); from the lowest seed of each variant for the first two, every seed for the
+    third, the mean over seeds for the last two."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -802,7 +803,29 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
         made.append(f"kept_{slug}.png")
         fig.savefig(os.path.join(folder, made[-1]), dpi=110)
         plt.close(fig)
+    value_tags = [t for t in VALUE_TAGS if any(t in r["curves"] for r in runs)]
+    if value_tags:  # do the critics drift on the source rows, and how much of the actor's regression do they carry?
+        fig, axes = plt.subplots(1, len(value_tags), figsize=(5.5 * len(value_tags), 4), squeeze=False)
+        for ax, tag in zip(axes[0], value_tags):
+            for m in sorted({r["method"] for r in runs}, key=method_order):
+                curves = [dict(r["curves"][tag]) for r in runs if r["method"] == m and tag in r["curves"]]
+                steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+                if steps:
+                    seeds = f"{len(curves)} seed{'s' * (len(curves) > 1)}"
+                    ax.plot(steps, np.mean([[c[s] for s in steps] for c in curves], 0), label=f"{m} ({seeds})")
+            ax.set(title=VALUE_TAGS[tag], xlabel="stage-5 steps")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        made.append(f"values_{slug}.png")
+        fig.savefig(os.path.join(folder, made[-1]), dpi=110)
+        plt.close(fig)
     return made
+
+
+# the stage-5 diagnostics of the values figure (runs from before they were logged have none): tag -> panel title
+VALUE_TAGS = {"charts/q_target_rows": "min Q on the batch's target rows (mean of seeds)",
+              "charts/q_source_rows": "min Q on the batch's source rows (mean of seeds)",
+              "charts/awr_weight_source_share": "IQL: source rows' share of the actor's weight"}
 
 
 def fmt(x: float, nd: int = 1) -> str:

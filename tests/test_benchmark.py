@@ -285,6 +285,7 @@ def fake_export(folder, variant: str, seed: int, score, total: int = 100):
         fh.write("tag,step,value\n" + "".join(f"eval/normalized_score,{s},{score or 0}\n" for s in steps))
         if variant != "merged":
             fh.write("".join(f"filter/kept_frac/{n},{s},0.5\n" for n in ("gravity-0.5", "expert") for s in steps))
+            fh.write("".join(f"charts/{tag},{s},0.5\n" for tag in ("q_source_rows", "awr_weight_source_share") for s in steps))
         if variant == "v2a":
             fh.write("".join(f"repr/{tag},{i},{v}\n" for i in (5, 10) for tag, v in (("rec_loss", 1 / i),
                                                                                    ("stage1_domain_probe_acc", 0.9))))
@@ -342,7 +343,7 @@ def test_report_statistics_by_hand(tmp_path):
     assert "V2A ends above DVDF in 5 of 8 seeds." in md and "TODO (lead)" not in md
     pngs = sorted(os.listdir(cfg.figures))
     assert pngs == ["adv_Hopper-v4_iql_t100000.png", "curves_fx.png", "kept_Hopper-v4_iql_t100000.png",
-                    "stage1_Hopper-v4_iql_t100000.png", "z_Hopper-v4_iql_t100000.png"]
+                    "stage1_Hopper-v4_iql_t100000.png", "values_Hopper-v4_iql_t100000.png", "z_Hopper-v4_iql_t100000.png"]
     assert all(f"({os.path.basename(cfg.figures)}/{p})" in md for p in pngs)
 
 
