@@ -181,10 +181,9 @@ class TrajectoryEncoder(nn.Module):
         self.mu, self.log_std = nn.Linear(hidden, z_dim), nn.Linear(hidden, z_dim)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor):  # x [B, T, inp], lengths [B] >= 1
-        # packed: the GRU runs over the valid steps of each sequence only, not over the padding after them (a GRU is
-        # causal, so the state at the last valid step is the same); h_n is that state
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        last = self.gru(packed)[1][0]
+        # the GRU runs over the valid steps of each sequence only, not over the padding after them (a GRU is causal,
+        # so the state at the last valid step is the same)
+        last = utils.gru_last_state(self.gru, x, lengths)
         return self.mu(last), self.log_std(last).clamp(-5.0, 2.0)
 
 

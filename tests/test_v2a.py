@@ -210,6 +210,20 @@ def test_batch_value_means_split_target_and_source_rows():
     assert v2a_utils.value_tags(types.SimpleNamespace(variant="target"), ("q",)) == ["charts/q_target_rows"]
 
 
+def test_gru_last_state_equals_the_packed_nn_gru():
+    """v2a_utils.gru_last_state (the CPU recurrence stage 1 runs) gives the packed nn.GRU's final states and the same
+    gradients, to float rounding (its rows at a step may be in another order), for sequences of mixed lengths."""
+    torch.manual_seed(0)
+    gru, x, lengths = torch.nn.GRU(7, 16, batch_first=True), torch.randn(6, 9, 7), torch.tensor([3, 9, 1, 9, 5, 2])
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    grads = []
+    for last in (gru(packed)[1][0], v2a_utils.gru_last_state(gru, x, lengths)):
+        grads.append(torch.autograd.grad(last.square().sum(), list(gru.parameters())))
+        grads[-1] += (last.detach(),)
+    for ref, ours in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_encoder_reads_the_last_valid_step():
     """The packed GRU gives, for each padded sequence, the state after its own last valid step: the same as running
     the sequence alone without padding."""
