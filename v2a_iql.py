@@ -720,7 +720,7 @@ DESCRIPTION = (
     "about 6 min on the default data). Example: python "
     "v2a_iql.py --env-id Hopper-v4 --variant v2a. Supported env ids: " + ", ".join(utils.SUPPORTED_ENV_IDS) + ". A default "
     "run first generates its datasets with data_gen.py if they are missing (1M source transitions, 100k target), "
-    "then takes about 6-7 hours on one core of a 2-core CPU (100k TC-ELBO iterations about 4.6 h, " + STAGE5_TIME +
+    "then takes about 6 hours on one core of a 2-core CPU (100k TC-ELBO iterations about 4 h, " + STAGE5_TIME +
     "). A reduced budget, about 30 min there: --repr-steps 5000 --sql-steps 30000 --total-steps 100000. Runs go to "
     "runs/<env>__<script>__<variant>__<seed>__<time>/ (TensorBoard, checkpoints, results.json); docs/v2a_iql.md.")
 
