@@ -806,13 +806,15 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
     value_tags = [t for t in VALUE_TAGS if any(t in r["curves"] for r in runs)]
     if value_tags:  # do the critics drift on the source rows, and how much of the actor's regression do they carry?
         fig, axes = plt.subplots(1, len(value_tags), figsize=(5.5 * len(value_tags), 4), squeeze=False)
+        methods = sorted({r["method"] for r in runs}, key=method_order)  # one colour per method in every panel
         for ax, tag in zip(axes[0], value_tags):
-            for m in sorted({r["method"] for r in runs}, key=method_order):
+            for colour, m in enumerate(methods):
                 curves = [dict(r["curves"][tag]) for r in runs if r["method"] == m and tag in r["curves"]]
                 steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
                 if steps:
                     seeds = f"{len(curves)} seed{'s' * (len(curves) > 1)}"
-                    ax.plot(steps, np.mean([[c[s] for s in steps] for c in curves], 0), label=f"{m} ({seeds})")
+                    ax.plot(steps, np.mean([[c[s] for s in steps] for c in curves], 0), label=f"{m} ({seeds})",
+                            color=f"C{colour}")
             ax.set(title=VALUE_TAGS[tag], xlabel="stage-5 steps")
             ax.legend(fontsize=7)
         fig.tight_layout()
