@@ -189,15 +189,14 @@ def run_state(spec: dict) -> tuple[str, Optional[str]]:
     tdir = trainer_dir(spec["run_dir"])
     if tdir is None:
         return ("done", None) if exported_done(spec) else ("new", None)
-    try:
-        with open(os.path.join(tdir, "results.json")) as fh:
-            last_step = json.load(fh)["evals"][-1][0]
-        want = flag_value(spec["argv"], "total-steps")
-        if want is None or last_step >= int(want):
-            return "done", tdir
-    except (OSError, ValueError, KeyError, IndexError):
-        pass
-    return "resume", tdir
+    return ("done" if reached_total(spec, read_json(os.path.join(tdir, "results.json"))) else "resume"), tdir
+
+
+def reached_total(spec: dict, results: Optional[dict]) -> bool:
+    """Whether a run's results.json has an evaluation at the requested --total-steps (any, when the flag is not given)."""
+    evals = (results or {}).get("evals")
+    want = flag_value(spec["argv"], "total-steps")
+    return bool(evals) and (want is None or evals[-1][0] >= int(want))
 
 
 def exported_done(spec: dict) -> bool:
@@ -212,8 +211,7 @@ def exported_done(spec: dict) -> bool:
         print(f"[benchmark] {spec['name']}: the export under {spec['export_dir']} was made with other flags "
               f"({' '.join(record.get('spec', {}).get('argv', []))}); training the run again overwrites it", flush=True)
         return False
-    want = flag_value(spec["argv"], "total-steps")
-    return want is None or res["evals"][-1][0] >= int(want)
+    return reached_total(spec, res)
 
 
 def pid_alive(pid: int) -> bool:
@@ -673,6 +671,12 @@ def mean_ci(values: np.ndarray, rs: np.random.RandomState, reps: int = 2000):
     return values.mean(0), np.percentile(boots, 2.5, axis=0), np.percentile(boots, 97.5, axis=0)
 
 
+def on_common_steps(curves: list[dict]) -> tuple[list, np.ndarray]:
+    """Curves ({step: value}, one per run) on the steps that all of them reached: (steps, values [runs, steps])."""
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return steps, np.array([[c[s] for s in steps] for c in curves])
+
+
 def plot_curves(tasks: dict, path: str, seed: int):
     import matplotlib
     matplotlib.use("Agg")
@@ -682,11 +686,9 @@ def plot_curves(tasks: dict, path: str, seed: int):
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, (task, runs) in zip(axes[0], tasks.items()):
         for m in sorted({r["method"] for r in runs}, key=method_order):
-            curves = [dict(r["curves"].get("eval/normalized_score", [])) for r in runs if r["method"] == m]
-            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            steps, v = on_common_steps([dict(r["curves"].get("eval/normalized_score", [])) for r in runs if r["method"] == m])
             if not steps:
                 continue
-            v = np.array([[c[s] for s in steps] for c in curves])
             mu, lo, hi = mean_ci(v, rs)
             ax.plot(steps, mu, label=f"{m} (n={len(v)})")
             ax.fill_between(steps, lo, hi, alpha=0.2)
@@ -791,10 +793,9 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
             for tag in tags:
                 name = tag.rsplit("/", 1)[1]
                 ax = row_axes[1] if name in ("random", "medium", "expert") else row_axes[0]
-                curves = [dict(r["curves"][tag]) for r in rr if tag in r["curves"]]
-                steps = sorted(set.intersection(*(set(c) for c in curves)))
+                steps, v = on_common_steps([dict(r["curves"][tag]) for r in rr if tag in r["curves"]])
                 if steps:
-                    ax.plot(steps, np.mean([[c[s] for s in steps] for c in curves], 0), label=name)
+                    ax.plot(steps, v.mean(0), label=name)
             for ax, what in zip(row_axes, ("domain", "quality")):
                 ax.set(title=f"{m}: kept fraction per {what} (mean of {len(rr)} seeds)", xlabel="stage-5 steps",
                        ylabel="kept fraction", ylim=(0, 1))
@@ -809,12 +810,9 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
         methods = sorted({r["method"] for r in runs}, key=method_order)  # one colour per method in every panel
         for ax, tag in zip(axes[0], value_tags):
             for colour, m in enumerate(methods):
-                curves = [dict(r["curves"][tag]) for r in runs if r["method"] == m and tag in r["curves"]]
-                steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+                steps, v = on_common_steps([dict(r["curves"][tag]) for r in runs if r["method"] == m and tag in r["curves"]])
                 if steps:
-                    seeds = f"{len(curves)} seed{'s' * (len(curves) > 1)}"
-                    ax.plot(steps, np.mean([[c[s] for s in steps] for c in curves], 0), label=f"{m} ({seeds})",
-                            color=f"C{colour}")
+                    ax.plot(steps, v.mean(0), label=f"{m} ({len(v)} seed{'s' * (len(v) > 1)})", color=f"C{colour}")
             ax.set(title=VALUE_TAGS[tag], xlabel="stage-5 steps")
             ax.legend(fontsize=7)
         fig.tight_layout()
