@@ -21,7 +21,7 @@ import warnings
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import tyro
@@ -90,6 +90,9 @@ class Report:
     """bootstrap replications of the probability-of-improvement intervals (a Mann-Whitney test each: slower)"""
     seed: int = 0
     """seed of the bootstrap"""
+    tail_evals: int = 5
+    """a second table scores each run by the mean of its last this many evaluations: how much of a difference between
+    methods is one evaluation's noise (the headline score stays the last evaluation)"""
     runs_root: str = "runs"
     results_root: str = "results"
 
@@ -577,6 +580,7 @@ def load_runs(folder: str) -> list[dict]:
                 args.get("source_size"))
         extra = [f"{k}={v}" for k, v in grid.items() if k.replace("-", "_") not in TASK_FLAGS]
         finished = bool(res and res.get("evals") and res["evals"][-1][0] >= args.get("total_steps", 0))
+        evals = [e[2] for e in res["evals"]] if finished else []  # [step, return, normalized score] per evaluation
         curves: dict = {}
         if os.path.exists(os.path.join(d, "curves.csv")):
             with open(os.path.join(d, "curves.csv")) as fh:
@@ -584,7 +588,8 @@ def load_runs(folder: str) -> list[dict]:
                     curves.setdefault(row["tag"], []).append((int(row["step"]), float(row["value"])))
         runs.append(dict(dir=d, name=os.path.basename(d), task=task, variant=args.get("variant"), seed=args.get("seed"),
                          method=" ".join([args.get("variant", "?"), *extra]), args=args, rec=rec,
-                         finished=finished, score=res["final_normalized_score"] if finished else None, curves=curves))
+                         finished=finished, score=res["final_normalized_score"] if finished else None, evals=evals,
+                         curves=curves))
     return runs
 
 
@@ -603,16 +608,21 @@ def method_order(m: str) -> tuple:
     return (VARIANTS.index(v) if v in VARIANTS else len(VARIANTS), m)
 
 
-def task_stats(runs: list[dict], reps: int, poi_reps: int, seed: int) -> dict:
-    """Per method: n, mean, standard error, IQM with its 95 % stratified-bootstrap CI (rliable); per (v2a method,
-    other method): probability of improvement with its CI."""
+def tail_score(r: dict, k: int) -> float:
+    """The mean of a finished run's last k evaluations."""
+    return float(np.mean(r["evals"][-k:]))
+
+
+def task_stats(runs: list[dict], reps: int, poi_reps: int, seed: int, score: Callable = lambda r: r["score"]) -> dict:
+    """Per method: n, mean, standard error, IQM with its 95 % stratified-bootstrap CI (rliable) of `score` (default: the
+    last evaluation) over the finished runs; per (v2a method, other method): probability of improvement with its CI."""
     from rliable import library, metrics
     warnings.filterwarnings("ignore", category=FutureWarning, module="arch")  # rliable 1.2 passes arch's random_state
 
     scores = {}
     for r in runs:
         if r["finished"]:
-            scores.setdefault(r["method"], []).append(r["score"])
+            scores.setdefault(r["method"], []).append(score(r))
     out = {"methods": {}, "poi": {}}
     rs = np.random.RandomState(seed)
     for m, s in sorted(scores.items(), key=lambda kv: method_order(kv[0])):
@@ -874,7 +884,7 @@ def report(cfg: Report) -> dict:
                 L.append(f"| {m} | 0 | {unf} | – | – | – | – |")
         if ranking := ranking_lines(st, {r["method"] for r in truns}):
             L += ["", "Ranking V2A > DVDF > IGDF > merged, and V2A > target only (by the IQM and its 95 % CI):", "", *ranking]
-        L += [""]
+        L += ["", *tail_lines(cfg, truns, st), ""]
         for f in plot_diagnostics(task, [r for r in truns if r["finished"]], cfg.figures):  # the runs of the table
             L += [f"![{f}]({fig_rel}/{f})", ""]
     if tasks:
@@ -897,6 +907,27 @@ def report(cfg: Report) -> dict:
         fh.write("\n".join(L))
     print(f"[benchmark] wrote {cfg.out} and {cfg.figures}/ from {len(runs)} runs in {len(tasks)} tasks", flush=True)
     return stats_all
+
+
+def tail_lines(cfg: Report, truns: list[dict], st: dict) -> list[str]:
+    """The check of evaluation noise: the same statistics of each run's mean over its last cfg.tail_evals evaluations,
+    and the spread of those evaluations within a run. Stored in st["tail"]."""
+    k = cfg.tail_evals
+    tail = st["tail"] = task_stats(truns, cfg.reps, cfg.poi_reps, cfg.seed, lambda r: tail_score(r, k))
+    L = [f"**Evaluation noise.** The same statistics with each run scored by the mean of its last {k} evaluations "
+         "instead of the last one alone (a check, not the headline score); sd within a run: the standard deviation of "
+         f"those {k} evaluations, mean over the seeds.", "",
+         f"| method | mean of last {k} evaluations: mean ± s.e. | IQM [95 % CI] | P(V2A > method) [95 % CI] | "
+         "sd within a run |", "|---|---|---|---|---|"]
+    for m, s in tail["methods"].items():
+        sds = [float(np.std(r["evals"][-k:], ddof=1)) for r in truns if r["method"] == m and r["finished"]
+               and len(r["evals"]) > 1]
+        pois = [f"{p['p']:.2f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}]" for (a, b), p in tail["poi"].items() if b == m]
+        L.append(f"| {m} | {fmt(s['mean'])} ± {fmt(s['se'])} | {fmt(s['iqm'])} [{fmt(s['iqm_ci'][0])}, "
+                 f"{fmt(s['iqm_ci'][1])}] | {'; '.join(pois) or '–'} | {fmt(float(np.mean(sds))) if sds else '–'} |")
+    if ranking := ranking_lines(tail, {r["method"] for r in truns}):
+        L += ["", f"Ranking by the mean of the last {k} evaluations:", "", *ranking]
+    return L
 
 
 def setup_lines(runs: list[dict]) -> list[str]:

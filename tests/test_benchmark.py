@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -267,7 +268,9 @@ V2A = [10, 20, 30, 40, 50, 60, 70, 80]
 DVDF = [5, 15, 25, 35, 45, 55, 65, 75]
 
 
-def fake_export(folder, variant: str, seed: int, score, total: int = 100):
+def fake_export(folder, variant: str, seed: int, score, total: int = 100, earlier: Optional[list] = None):
+    """An exported run whose evaluations score `earlier` (default: `score` at step 50), then `score` at step 100
+    (None: unfinished, one evaluation at step 50)."""
     d = folder / f"v2a_iql__{variant}__s{seed}"
     d.mkdir(parents=True)
     args = dict(script="v2a_iql.py", env_id="Hopper-v4", target_size=100000, source=None, source_size=1000000,
@@ -277,12 +280,13 @@ def fake_export(folder, variant: str, seed: int, score, total: int = 100):
     machine = dict(host="h", cpu="cpu", cores=2, cuda_visible=None)
     json.dump(dict(spec=dict(grid={}, launch="python benchmark.py run --sweep fx"), attempts=[
         dict(start=0, end=3600, rc=0, state="new", machine=machine)], wall_s=3600.0), open(d / "run.json", "w"))
-    steps = [50, 100] if score is not None else [50]
+    steps = [50 * (i + 1) for i in range(len(earlier or [0]) + (score is not None))]
+    values = [*(earlier or [score or 0]), *([score] if score is not None else [])]
     if score is not None:
-        json.dump(dict(variant=variant, final_normalized_score=score, evals=[[s, 0, score] for s in steps]),
+        json.dump(dict(variant=variant, final_normalized_score=score, evals=[[s, 0, v] for s, v in zip(steps, values)]),
                   open(d / "results.json", "w"))
     with open(d / "curves.csv", "w") as fh:
-        fh.write("tag,step,value\n" + "".join(f"eval/normalized_score,{s},{score or 0}\n" for s in steps))
+        fh.write("tag,step,value\n" + "".join(f"eval/normalized_score,{s},{v}\n" for s, v in zip(steps, values)))
         if variant != "merged":
             fh.write("".join(f"filter/kept_frac/{n},{s},0.5\n" for n in ("gravity-0.5", "expert") for s in steps))
             fh.write("".join(f"charts/{tag},{s},0.5\n" for tag in ("q_source_rows", "awr_weight_source_share") for s in steps))
@@ -345,6 +349,31 @@ def test_report_statistics_by_hand(tmp_path):
     assert pngs == ["adv_Hopper-v4_iql_t100000.png", "curves_fx.png", "kept_Hopper-v4_iql_t100000.png",
                     "stage1_Hopper-v4_iql_t100000.png", "values_Hopper-v4_iql_t100000.png", "z_Hopper-v4_iql_t100000.png"]
     assert all(f"({os.path.basename(cfg.figures)}/{p})" in md for p in pngs)
+
+
+def test_report_evaluation_noise_table(tmp_path):
+    """The second table scores each run by the mean of its last tail_evals evaluations; its sd column is the spread of
+    those evaluations within a run, averaged over seeds. Checked by hand on three seeds of two methods."""
+    res = tmp_path / "results" / "fx"
+    for seed, (earlier, last) in enumerate([([10, 30], 20), ([40, 40], 40), ([0, 90], 60)], 1):  # v2a
+        fake_export(res, "v2a", seed, last, total=150, earlier=earlier)
+        fake_export(res, "dvdf", seed, 10.0 * seed, total=150, earlier=[10.0 * seed, 10.0 * seed])
+    cfg = benchmark.Report(sweep="fx", runs_root=str(tmp_path / "runs"), results_root=str(tmp_path / "results"),
+                           out=str(tmp_path / "docs" / "results.md"), figures=str(tmp_path / "docs" / "results"),
+                           reps=500, poi_reps=200, tail_evals=2)
+    (_, st), = benchmark.report(cfg).items()
+    assert st["methods"]["v2a"]["mean"] == pytest.approx(40.0)  # the headline stays the last evaluation: 20, 40, 60
+    v, d = st["tail"]["methods"]["v2a"], st["tail"]["methods"]["dvdf"]
+    assert v["scores"] == pytest.approx([25.0, 40.0, 75.0]) and v["mean"] == pytest.approx(140 / 3)
+    assert d["scores"] == pytest.approx([10.0, 20.0, 30.0]) and d["iqm"] == pytest.approx(20.0)
+    assert st["tail"]["poi"][("v2a", "dvdf")]["p"] == pytest.approx(8 / 9)  # 25 loses to 30 only
+    sd_v2a = np.mean([np.std([30, 20], ddof=1), 0.0, np.std([90, 60], ddof=1)])  # (7.07 + 0 + 21.21) / 3
+    se_v2a = np.std([25, 40, 75], ddof=1) / np.sqrt(3)
+    md = open(cfg.out).read()
+    assert "mean of its last 2 evaluations" in md
+    v2a_row = md.split(f"| v2a | 46.7 ± {se_v2a:.1f} | 46.7 [")[1].split("\n")[0]  # IQM of 3 seeds: their mean
+    assert v2a_row.endswith(f"| – | {sd_v2a:.1f} |")
+    assert md.split("| dvdf | 20.0 ± 5.8 | 20.0 [")[1].split("\n")[0].endswith(" | 0.0 |")
 
 
 def test_central_range_of_pooled_histograms():
