@@ -875,16 +875,14 @@ def report(cfg: Report) -> dict:
             s = st["methods"].get(m)
             unf = sum(1 for r in truns if r["method"] == m and not r["finished"])
             seeds = sorted(r["seed"] for r in truns if r["method"] == m and r["finished"])
-            pois = [f"{p['p']:.2f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}]" + (f" ({a})" if len(st["poi"]) > 1 and
-                    len({k[0] for k in st["poi"]}) > 1 else "") for (a, b), p in st["poi"].items() if b == m]
             if s:
-                L.append(f"| {m} | {s['n']} | {unf} | {fmt(s['mean'])} ± {fmt(s['se'])} | {fmt(s['iqm'])} "
-                         f"[{fmt(s['iqm_ci'][0])}, {fmt(s['iqm_ci'][1])}] | {'; '.join(pois) or '–'} | {seeds} |")
+                L.append(f"| {m} | {s['n']} | {unf} | {stat_cells(st, m)} | {seeds} |")
             else:
                 L.append(f"| {m} | 0 | {unf} | – | – | – | – |")
         if ranking := ranking_lines(st, {r["method"] for r in truns}):
             L += ["", "Ranking V2A > DVDF > IGDF > merged, and V2A > target only (by the IQM and its 95 % CI):", "", *ranking]
-        L += ["", *tail_lines(cfg, truns, st), ""]
+        st["tail"] = task_stats(truns, cfg.reps, cfg.poi_reps, cfg.seed, lambda r: tail_score(r, cfg.tail_evals))
+        L += ["", *tail_lines(cfg.tail_evals, truns, st["tail"]), ""]
         for f in plot_diagnostics(task, [r for r in truns if r["finished"]], cfg.figures):  # the runs of the table
             L += [f"![{f}]({fig_rel}/{f})", ""]
     if tasks:
@@ -909,22 +907,28 @@ def report(cfg: Report) -> dict:
     return stats_all
 
 
-def tail_lines(cfg: Report, truns: list[dict], st: dict) -> list[str]:
-    """The check of evaluation noise: the same statistics of each run's mean over its last cfg.tail_evals evaluations,
-    and the spread of those evaluations within a run. Stored in st["tail"]."""
-    k = cfg.tail_evals
-    tail = st["tail"] = task_stats(truns, cfg.reps, cfg.poi_reps, cfg.seed, lambda r: tail_score(r, k))
+def stat_cells(st: dict, m: str) -> str:
+    """The table cells of method m: mean ± s.e. | IQM [95 % CI] | P(V2A > m) [95 % CI] (naming the v2a method when
+    the task has several)."""
+    s, several = st["methods"][m], len({a for a, _ in st["poi"]}) > 1
+    pois = [f"{p['p']:.2f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}]" + (f" ({a})" if several else "")
+            for (a, b), p in st["poi"].items() if b == m]
+    return (f"{fmt(s['mean'])} ± {fmt(s['se'])} | {fmt(s['iqm'])} [{fmt(s['iqm_ci'][0])}, {fmt(s['iqm_ci'][1])}] | "
+            f"{'; '.join(pois) or '–'}")
+
+
+def tail_lines(k: int, truns: list[dict], tail: dict) -> list[str]:
+    """The check of evaluation noise: `tail`, the statistics of each run's mean over its last k evaluations, as a
+    table with the spread of those evaluations within a run, and its ranking."""
     L = [f"**Evaluation noise.** The same statistics with each run scored by the mean of its last {k} evaluations "
          "instead of the last one alone (a check, not the headline score); sd within a run: the standard deviation of "
          f"those {k} evaluations, mean over the seeds.", "",
          f"| method | mean of last {k} evaluations: mean ± s.e. | IQM [95 % CI] | P(V2A > method) [95 % CI] | "
          "sd within a run |", "|---|---|---|---|---|"]
-    for m, s in tail["methods"].items():
+    for m in tail["methods"]:
         sds = [float(np.std(r["evals"][-k:], ddof=1)) for r in truns if r["method"] == m and r["finished"]
                and len(r["evals"]) > 1]
-        pois = [f"{p['p']:.2f} [{p['ci'][0]:.2f}, {p['ci'][1]:.2f}]" for (a, b), p in tail["poi"].items() if b == m]
-        L.append(f"| {m} | {fmt(s['mean'])} ± {fmt(s['se'])} | {fmt(s['iqm'])} [{fmt(s['iqm_ci'][0])}, "
-                 f"{fmt(s['iqm_ci'][1])}] | {'; '.join(pois) or '–'} | {fmt(float(np.mean(sds))) if sds else '–'} |")
+        L.append(f"| {m} | {stat_cells(tail, m)} | {fmt(float(np.mean(sds))) if sds else '–'} |")
     if ranking := ranking_lines(tail, {r["method"] for r in truns}):
         L += ["", f"Ranking by the mean of the last {k} evaluations:", "", *ranking]
     return L

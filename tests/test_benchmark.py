@@ -280,8 +280,8 @@ def fake_export(folder, variant: str, seed: int, score, total: int = 100, earlie
     machine = dict(host="h", cpu="cpu", cores=2, cuda_visible=None)
     json.dump(dict(spec=dict(grid={}, launch="python benchmark.py run --sweep fx"), attempts=[
         dict(start=0, end=3600, rc=0, state="new", machine=machine)], wall_s=3600.0), open(d / "run.json", "w"))
-    steps = [50 * (i + 1) for i in range(len(earlier or [0]) + (score is not None))]
-    values = [*(earlier or [score or 0]), *([score] if score is not None else [])]
+    values = (earlier or [score or 0]) + ([score] if score is not None else [])
+    steps = [50 * (i + 1) for i in range(len(values))]
     if score is not None:
         json.dump(dict(variant=variant, final_normalized_score=score, evals=[[s, 0, v] for s, v in zip(steps, values)]),
                   open(d / "results.json", "w"))
