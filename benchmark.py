@@ -635,6 +635,9 @@ def task_stats(runs: list[dict], reps: int, poi_reps: int, seed: int, score: Cal
     for a in [m for m in out["methods"] if m.split(" ")[0] == "v2a"]:
         for b in [m for m in out["methods"] if m.split(" ")[0] != "v2a"]:
             x, y = (np.asarray(scores[k], float)[:, None] for k in (a, b))
+            # rliable's independent-samples bootstrap (two score arrays) ignores random_state and draws its indices
+            # from NumPy's global RNG: seed that from rs, or these CIs change from one regeneration to the next
+            np.random.seed(rs.randint(2**31))
             p, ci = library.get_interval_estimates({"p": (x, y)}, metrics.probability_of_improvement, reps=poi_reps,
                                                    random_state=rs)
             out["poi"][(a, b)] = dict(p=float(np.squeeze(p["p"])), ci=[float(np.squeeze(ci["p"][0])),
