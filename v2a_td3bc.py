@@ -265,6 +265,8 @@ def ot_plan(src: torch.Tensor, tgt: torch.Tensor, iters: int = OT_ITERS):
     that of the rows: every row of P sums to 1 / rows, the columns to about 1 / columns. Float32 kernel iterations
     first (twice as fast; on Hopper the same scores to 2e-6); where exp(-C / epsilon) leaves float32's range, float64,
     then POT's log-domain solver (slow, never underflows)."""
+    for backend in ("JAX", "CUPY", "TENSORFLOW"):  # only POT's torch backend is used; importing JAX's would take most
+        os.environ.setdefault(f"POT_BACKEND_DISABLE_{backend}", "1")  # of the GPU's memory (JAX preallocates 75 %)
     try:
         import ot  # POT, Python Optimal Transport (requirements.txt); imported here: only this stage needs it
     except ImportError as e:

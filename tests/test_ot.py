@@ -115,6 +115,25 @@ def test_ot_rows_end_to_end_and_reuse(script, row, tiny_data, tmp_path):
     assert proc.returncode != 0 and "stage4.pt was trained with other settings" in proc.stderr
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the CUDA path is not exercised")
+def test_ot_cuda_path(tiny_data, tmp_path):
+    """On a CUDA machine: the OT score computed on the GPU agrees with the CPU's, and V2A-OTDF with OTDF's dataset
+    constraint runs every stage on the GPU, stage 5 compiled."""
+    from test_v2a import TINY_BUDGETS, run
+    gen = torch.Generator().manual_seed(0)
+    src, tgt = torch.randn(3000, 8, generator=gen), torch.randn(1000, 8, generator=gen) + 0.5
+    on_cpu = v.ot_scores(src, tgt, seed=0, chunk=1000, n_target=500)
+    on_gpu = v.ot_scores(src.cuda(), tgt.cuda(), seed=0, chunk=1000, n_target=500)
+    assert on_gpu.is_cuda and torch.allclose(on_cpu, on_gpu.cpu(), atol=1e-4)
+    proc = run("v2a_iql", tmp_path, *tiny_data["base_args"], *TINY_BUDGETS, "--variant", "v2a", "--dynamics-score", "ot",
+               "--dataset-constraint", "0.5", "--vae-steps", "30", "--cuda", "--compile")
+    assert "device cuda" in proc.stdout and "[stage 4 OT score] mean per source domain" in proc.stdout
+    (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*__v2a_iql__v2a-otdf__*"))
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    assert [e[0] for e in results["evals"]] == [50, 100] and math.isfinite(results["final_normalized_score"])
+    assert "target_vae" in torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)
+
+
 def test_ot_score_flag_needs_a_filtered_variant(tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = v.Args(env_id=tiny_data["env_id"], source=tiny_data["source"], source_size=tiny_data["source_size"],
