@@ -234,7 +234,7 @@ def backbone_errors(args: Args) -> list[str]:
     ] if bad]
 
 
-BACKBONE, STAGE5_TIME = "TD3+BC", "1M filtered-TD3+BC steps about 1 h"  # names for the logs and --help
+BACKBONE, STAGE5_TIME = "TD3+BC", "1M filtered-TD3+BC steps about 1.2 h"  # names for the logs and --help
 # <<< backbone
 
 
@@ -640,8 +640,8 @@ DESCRIPTION = (
     "about 6 min on the default data). Example: python "
     "v2a_td3bc.py --env-id Hopper-v4 --variant v2a. Supported env ids: " + ", ".join(utils.SUPPORTED_ENV_IDS) + ". A default "
     "run first generates its datasets with data_gen.py if they are missing (1M source transitions, 100k target), "
-    "then takes about 6 hours on one core of a 2-core CPU (100k TC-ELBO iterations about 4 h, " + STAGE5_TIME +
-    "). A reduced budget, about 30 min there: --repr-steps 5000 --sql-steps 30000 --total-steps 100000. Runs go to "
+    "then takes about 4.5 hours on one core of a 2-core CPU (100k TC-ELBO iterations about 3 h, " + STAGE5_TIME +
+    "). A reduced budget, about 22 min there: --repr-steps 5000 --sql-steps 30000 --total-steps 100000. Runs go to "
     "runs/<env>__<script>__<variant>__<seed>__<time>/ (TensorBoard, checkpoints, results.json); docs/v2a_td3bc.md.")
 
 
