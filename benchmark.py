@@ -722,11 +722,11 @@ def central_range(hists: list, lo: float = 0.01, hi: float = 0.99) -> tuple[floa
     return float(a - pad), float(b + pad)
 
 
-def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
+def plot_diagnostics(task, runs: list[dict], folder: str) -> list[tuple[str, str]]:
     """The z embedding (v2a), the advantage per domain x quality (v2a, dvdf), stage 1's curves (every run with a
     stage 1), the kept fractions (filtered variants), the critics' values and the actor's weight on source rows
     (VALUE_TAGS, the runs that log them); from the lowest seed of each variant for the first two, every seed for the
-    third, the mean over seeds for the last two."""
+    third, the mean over seeds for the last two. Returns (file name, caption) per figure made."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -752,8 +752,10 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
                    xlabel=f"PC1 ({100 * var[0]:.0f} % of the variance)", ylabel=f"PC2 ({100 * var[1]:.0f} %)")
             ax.legend(fontsize=8, markerscale=3)
         fig.tight_layout()
-        made.append(f"z_{slug}.png")
-        fig.savefig(os.path.join(folder, made[-1]), dpi=110)
+        made.append((f"z_{slug}.png", "The modality latent z (the posterior mean of each source trajectory, stage 2's "
+                     "relabelling; first two principal components), coloured by domain and by behaviour quality (as in "
+                     "the paper's Fig. 2)."))
+        fig.savefig(os.path.join(folder, made[-1][0]), dpi=110)
         plt.close(fig)
     adv = [r for m, r in first.items()
            if m.split(" ")[0] in ("v2a", "dvdf") and os.path.exists(os.path.join(r["dir"], "adv_hist.csv"))]
@@ -777,8 +779,9 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
                    xlabel="A (1st-99th percentile of all groups shown)", ylabel="density")
             ax.legend(fontsize=7)
         fig.tight_layout()
-        made.append(f"adv_{slug}.png")
-        fig.savefig(os.path.join(folder, made[-1]), dpi=110)
+        made.append((f"adv_{slug}.png", "The advantage A of the source rows per domain-quality group, as the stage-5 "
+                     "filter sees it: V2A's A(s, a, z) against DVDF's z-free A(s, a) (as in the paper's Fig. 2)."))
+        fig.savefig(os.path.join(folder, made[-1][0]), dpi=110)
         plt.close(fig)
     stage1 = [r for r in sorted(runs, key=lambda r: (method_order(r["method"]), r["seed"]))
               if "repr/stage1_domain_probe_acc" in r["curves"]]
@@ -794,8 +797,9 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
         for ax in axes:
             ax.legend(fontsize=7)
         fig.tight_layout()
-        made.append(f"stage1_{slug}.png")
-        fig.savefig(os.path.join(folder, made[-1]), dpi=110)
+        made.append((f"stage1_{slug}.png", "Stage 1 over its iterations, every seed: the TC-ELBO reconstruction loss "
+                     "and the accuracy of a domain probe on z (held-out trajectories); flat curves justify --repr-steps."))
+        fig.savefig(os.path.join(folder, made[-1][0]), dpi=110)
         plt.close(fig)
     kept = sorted({r["method"] for r in runs if any(t.startswith("filter/kept_frac/") for t in r["curves"])}, key=method_order)
     if kept:
@@ -814,8 +818,9 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
                        ylabel="kept fraction", ylim=(0, 1))
                 ax.legend(fontsize=8)
         fig.tight_layout()
-        made.append(f"kept_{slug}.png")
-        fig.savefig(os.path.join(folder, made[-1]), dpi=110)
+        made.append((f"kept_{slug}.png", "The stage-5 filter over training: the fraction of each domain's and each "
+                     "behaviour quality's source rows that it keeps, mean over seeds."))
+        fig.savefig(os.path.join(folder, made[-1][0]), dpi=110)
         plt.close(fig)
     value_tags = [t for t in VALUE_TAGS if any(t in r["curves"] for r in runs)]
     if value_tags:  # do the critics drift on the source rows, and how much of the actor's regression do they carry?
@@ -829,8 +834,9 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[str]:
             ax.set(title=VALUE_TAGS[tag], xlabel="stage-5 steps")
             ax.legend(fontsize=7)
         fig.tight_layout()
-        made.append(f"values_{slug}.png")
-        fig.savefig(os.path.join(folder, made[-1]), dpi=110)
+        made.append((f"values_{slug}.png", "The critics' values on the target and the source rows of each batch, and "
+                     "the source rows' share of the actor's advantage weight, mean over seeds."))
+        fig.savefig(os.path.join(folder, made[-1][0]), dpi=110)
         plt.close(fig)
     return made
 
@@ -886,8 +892,8 @@ def report(cfg: Report) -> dict:
             L += ["", "Ranking V2A > DVDF > IGDF > merged, and V2A > target only (by the IQM and its 95 % CI):", "", *ranking]
         st["tail"] = task_stats(truns, cfg.reps, cfg.poi_reps, cfg.seed, lambda r: tail_score(r, cfg.tail_evals))
         L += ["", *tail_lines(cfg.tail_evals, truns, st["tail"]), ""]
-        for f in plot_diagnostics(task, [r for r in truns if r["finished"]], cfg.figures):  # the runs of the table
-            L += [f"![{f}]({fig_rel}/{f})", ""]
+        for f, caption in plot_diagnostics(task, [r for r in truns if r["finished"]], cfg.figures):  # the table's runs
+            L += [f"![{f}]({fig_rel}/{f})", "", f"*{caption}*", ""]
     if tasks:
         L += ["## Learning curves", "", "Normalized score at each evaluation: mean over seeds, shaded 95 % percentile-"
               "bootstrap CI of the mean; only the steps that every run of a method has reached.", "",
