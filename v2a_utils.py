@@ -411,6 +411,10 @@ def compiled(fn, args, dev: torch.device, opts: tuple = (), static: tuple = ()):
     if not args.compile:
         return fn
     torch._inductor.config.fallback_random = True
+    if dev.type == "cuda" and tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13):
+        # torch 2.11's inductor asserts in its loop reordering (reorder_loops_by_dep_pair) on this update on CUDA, seen on
+        # an H100; 2.13, the pinned version, declines the reordering there instead. Off, the update compiles (docs/speed.md)
+        torch._inductor.config.loop_ordering_after_fusion = False
     fn_c = torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead" if dev.type == "cuda" else None)
     marked = []
 
@@ -425,6 +429,11 @@ def compiled(fn, args, dev: torch.device, opts: tuple = (), static: tuple = ()):
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise RuntimeError(f"the stage-5 update no longer compiles as one graph (--compile uses fullgraph=True): "
                                f"{first}. Run with --no-compile, or find the break with TORCH_LOGS=graph_breaks") from e
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # a compiler bug: nothing of the update has run yet
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise RuntimeError(f"torch {torch.__version__} failed to compile the stage-5 update ({first}). The earlier "
+                               "stages are saved: continue with --resume runs/<this run> --no-compile (the same results, "
+                               "slower)") from e
 
     return call
 

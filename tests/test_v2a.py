@@ -191,6 +191,22 @@ def test_a_graph_break_in_the_compiled_update_is_an_error():
     assert v2a_utils.compiled(broken, types.SimpleNamespace(compile=False), torch.device("cpu"))(torch.ones(3)).sum() == 6
 
 
+def test_a_compiler_failure_names_the_way_out(monkeypatch):
+    """A compiler that fails on the update (torch 2.11's inductor did on CUDA) stops the run with a message that
+    says how to continue it, eagerly, from its saved stages."""
+    import torch._inductor.exc
+
+    def failing_compiler(fn, **kw):
+        def call(*a):
+            raise torch._inductor.exc.InductorError(AssertionError("reorder_loops_by_dep_pair"), None)
+        return call
+
+    monkeypatch.setattr(torch, "compile", failing_compiler)
+    update = v2a_utils.compiled(lambda x: x * 2, types.SimpleNamespace(compile=True), torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"failed to compile the stage-5 update.*--resume runs/<this run> --no-compile"):
+        update(torch.ones(3))
+
+
 def test_awr_source_share_by_hand():
     """The source rows' share of the batch's advantage weight min(exp(beta u), 100): rows before the last n_target."""
     u = torch.tensor([0.0, 0.0, math.log(3.0), 10.0])  # weights 1, 1, 3 and exp(10) clamped to 100
