@@ -432,8 +432,8 @@ def compiled(fn, args, dev: torch.device, opts: tuple = (), static: tuple = ()):
         except torch._dynamo.exc.BackendCompilerFailed as e:  # a compiler bug: nothing of the update has run yet
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise RuntimeError(f"torch {torch.__version__} failed to compile the stage-5 update ({first}). The earlier "
-                               "stages are saved: continue with --resume runs/<this run> --no-compile (the same results, "
-                               "slower)") from e
+                               "stages are saved: run the same command again with --resume runs/<this run> --no-compile (the "
+                               "same results, slower)") from e
 
     return call
 

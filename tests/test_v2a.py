@@ -203,7 +203,8 @@ def test_a_compiler_failure_names_the_way_out(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", failing_compiler)
     update = v2a_utils.compiled(lambda x: x * 2, types.SimpleNamespace(compile=True), torch.device("cpu"))
-    with pytest.raises(RuntimeError, match=r"failed to compile the stage-5 update.*--resume runs/<this run> --no-compile"):
+    way_on = r"failed to compile the stage-5 update.*same command again with --resume runs/<this run> --no-compile"
+    with pytest.raises(RuntimeError, match=way_on):
         update(torch.ones(3))
 
 
