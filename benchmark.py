@@ -834,8 +834,9 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[tuple[str, str
             ax.set(title=VALUE_TAGS[tag], xlabel="stage-5 steps")
             ax.legend(fontsize=7)
         fig.tight_layout()
-        made.append((f"values_{slug}.png", "The critics' values on the target and the source rows of each batch, and "
-                     "the source rows' share of the actor's advantage weight, mean over seeds."))
+        share = ", and the source rows' share of the actor's advantage weight" * (list(VALUE_TAGS)[-1] in value_tags)
+        made.append((f"values_{slug}.png", f"The critics' values on the target and the source rows of each batch{share}, "
+                     "mean over seeds."))
         fig.savefig(os.path.join(folder, made[-1][0]), dpi=110)
         plt.close(fig)
     return made
