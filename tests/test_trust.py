@@ -337,7 +337,7 @@ def test_help_describes_the_run(script):
                           env=dict(os.environ, COLUMNS="200"))
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    for needle in [*data_gen.SUPPORTED_ENV_IDS, f"python {script}.py --env-id Hopper-v4", "about 6 hours", "2-core CPU",
+    for needle in [*data_gen.SUPPORTED_ENV_IDS, f"python {script}.py --env-id Hopper-v4", "about 4.5 hours", "2-core CPU",
                    "--repr-steps 5000 --sql-steps 30000 --total-steps 100000"]:
         assert needle in text, needle
 
