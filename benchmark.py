@@ -732,6 +732,13 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[tuple[str, str
     import matplotlib.pyplot as plt
 
     made, slug = [], task_slug(task)
+
+    def save(fig, name: str, caption: str):
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, f"{name}_{slug}.png"), dpi=110)
+        plt.close(fig)
+        made.append((f"{name}_{slug}.png", caption))
+
     first = {}
     for r in sorted(runs, key=lambda r: r["seed"]):
         first.setdefault(r["method"], r)
@@ -751,12 +758,9 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[tuple[str, str
             ax.set(title=f"z of source trajectories by {what} ({r['method']}, seed {r['seed']})",
                    xlabel=f"PC1 ({100 * var[0]:.0f} % of the variance)", ylabel=f"PC2 ({100 * var[1]:.0f} %)")
             ax.legend(fontsize=8, markerscale=3)
-        fig.tight_layout()
-        made.append((f"z_{slug}.png", "The modality latent z (the posterior mean of each source trajectory, stage 2's "
-                     "relabelling; first two principal components), coloured by domain and by behaviour quality (as in "
-                     "the paper's Fig. 2)."))
-        fig.savefig(os.path.join(folder, made[-1][0]), dpi=110)
-        plt.close(fig)
+        save(fig, "z", "The modality latent z (the posterior mean of each source trajectory, stage 2's "
+             "relabelling; first two principal components), coloured by domain and by behaviour quality (as in "
+             "the paper's Fig. 2).")
     adv = [r for m, r in first.items()
            if m.split(" ")[0] in ("v2a", "dvdf") and os.path.exists(os.path.join(r["dir"], "adv_hist.csv"))]
     if adv:
@@ -778,11 +782,8 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[tuple[str, str
             ax.set(title=f"advantage A per domain-quality ({r['method']}, seed {r['seed']})",
                    xlabel="A (1st-99th percentile of all groups shown)", ylabel="density")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        made.append((f"adv_{slug}.png", "The advantage A of the source rows per domain-quality group, as the stage-5 "
-                     "filter sees it: V2A's A(s, a, z) against DVDF's z-free A(s, a) (as in the paper's Fig. 2)."))
-        fig.savefig(os.path.join(folder, made[-1][0]), dpi=110)
-        plt.close(fig)
+        save(fig, "adv", "The advantage A of the source rows per domain-quality group, as the stage-5 "
+             "filter sees it: V2A's A(s, a, z) against DVDF's z-free A(s, a) (as in the paper's Fig. 2).")
     stage1 = [r for r in sorted(runs, key=lambda r: (method_order(r["method"]), r["seed"]))
               if "repr/stage1_domain_probe_acc" in r["curves"]]
     if stage1:  # has stage 1 trained long enough? (the --repr-steps budget: both curves flat)
@@ -796,11 +797,8 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[tuple[str, str
                     ylim=(0, 1.02))
         for ax in axes:
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        made.append((f"stage1_{slug}.png", "Stage 1 over its iterations, every seed: the TC-ELBO reconstruction loss "
-                     "and the accuracy of a domain probe on z (held-out trajectories); flat curves justify --repr-steps."))
-        fig.savefig(os.path.join(folder, made[-1][0]), dpi=110)
-        plt.close(fig)
+        save(fig, "stage1", "Stage 1 over its iterations, every seed: the TC-ELBO reconstruction loss "
+             "and the accuracy of a domain probe on z (held-out trajectories); flat curves justify --repr-steps.")
     kept = sorted({r["method"] for r in runs if any(t.startswith("filter/kept_frac/") for t in r["curves"])}, key=method_order)
     if kept:
         fig, axes = plt.subplots(len(kept), 2, figsize=(11, 3.2 * len(kept)), squeeze=False)
@@ -817,11 +815,8 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[tuple[str, str
                 ax.set(title=f"{m}: kept fraction per {what} (mean of {len(rr)} seeds)", xlabel="stage-5 steps",
                        ylabel="kept fraction", ylim=(0, 1))
                 ax.legend(fontsize=8)
-        fig.tight_layout()
-        made.append((f"kept_{slug}.png", "The stage-5 filter over training: the fraction of each domain's and each "
-                     "behaviour quality's source rows that it keeps, mean over seeds."))
-        fig.savefig(os.path.join(folder, made[-1][0]), dpi=110)
-        plt.close(fig)
+        save(fig, "kept", "The stage-5 filter over training: the fraction of each domain's and each "
+             "behaviour quality's source rows that it keeps, mean over seeds.")
     value_tags = [t for t in VALUE_TAGS if any(t in r["curves"] for r in runs)]
     if value_tags:  # do the critics drift on the source rows, and how much of the actor's regression do they carry?
         fig, axes = plt.subplots(1, len(value_tags), figsize=(5.5 * len(value_tags), 4), squeeze=False)
@@ -833,12 +828,10 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[tuple[str, str
                     ax.plot(steps, v.mean(0), label=f"{m} ({len(v)} seed{'s' * (len(v) > 1)})", color=f"C{colour}")
             ax.set(title=VALUE_TAGS[tag], xlabel="stage-5 steps")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        share = ", and the source rows' share of the actor's advantage weight" * (list(VALUE_TAGS)[-1] in value_tags)
-        made.append((f"values_{slug}.png", f"The critics' values on the target and the source rows of each batch{share}, "
-                     "mean over seeds."))
-        fig.savefig(os.path.join(folder, made[-1][0]), dpi=110)
-        plt.close(fig)
+        logs_share = "charts/awr_weight_source_share" in value_tags
+        share = ", and the source rows' share of the actor's advantage weight" * logs_share
+        save(fig, "values", f"The critics' values on the target and the source rows of each batch{share}, "
+             "mean over seeds.")
     return made
 
 
