@@ -22,7 +22,7 @@ import v2a_utils as utils
 from v2a_utils import Run, fail, optimize, split
 
 SCRIPT = os.path.basename(__file__)
-VARIANT_STAGES = {"v2a": (1, 2, 3, 4), "dvdf": (3, 4), "igdf": (4,), "merged": (), "target": ()}
+VARIANT_STAGES = {"v2a": (1, 2, 3, 4), "dvdf": (3, 4), "igdf": (4,), "merged": (), "target": (), "bc": ()}
 PUBLISHED_TRADEOFF = {"v2a": 0.6, "dvdf": 0.7, "igdf": 1.0}  # lambda: docs/specification.md §7.1, §8 (igdf: h only)
 # the paper's six filtered rows: (--variant, --dynamics-score) -> name (run directories, results.json); §8, §10
 ROW_NAMES = {("igdf", "contrastive"): "igdf", ("dvdf", "contrastive"): "dvdf", ("v2a", "contrastive"): "v2a",
@@ -64,8 +64,9 @@ class Args:
     """transitions of the target dataset"""
     generate: bool = True
     """run data_gen.py when the datasets are missing (`--no-generate`: stop with an error instead)"""
-    variant: Literal["v2a", "dvdf", "igdf", "merged", "target"] = "v2a"
-    """v2a: h + A(s,a,z); dvdf: h + A(s,a); igdf: h only; merged: IQL on source+target; target: IQL on target"""
+    variant: Literal["v2a", "dvdf", "igdf", "merged", "target", "bc"] = "v2a"
+    """v2a: h + A(s,a,z); dvdf: h + A(s,a); igdf: h only; merged: IQL on source+target; target: IQL on target;
+    bc: behaviour cloning on the target data (the backbone's actor and its regression term alone), the anchor"""
     dynamics_score: Literal["contrastive", "ot"] = "contrastive"
     """the dynamics score h of v2a, dvdf and igdf: contrastive (IGDF's, stage 4 trains it) or ot (OTDF's optimal-
     transport score, stage 4 computes it): --variant igdf --dynamics-score ot is OTDF, dvdf: DVDF-OTDF, v2a: V2A-OTDF"""
@@ -84,7 +85,10 @@ class Args:
     eval_freq: int = 10_000
     """evaluate the policy in the target env, and checkpoint stage 5, every this many steps and after the last"""
     eval_episodes: int = 10
-    """episodes per evaluation"""
+    """episodes per periodic evaluation (the learning curves)"""
+    final_eval_episodes: int = 50
+    """episodes of the final evaluation of the last policy, the run's score (results.json final_eval), on episode seeds
+    that no periodic evaluation uses"""
     log_freq: int = 1000
     """read the losses (one host sync) and print progress every this many steps"""
     z_dim: int = 128
@@ -117,6 +121,16 @@ class Args:
     """IQL expectile"""
     temperature: float = 3.0
     """IQL inverse temperature beta of the advantage-weighted actor loss"""
+    awr_clip: float = 100.0
+    """the clip of the actor's advantage weights min(exp(beta u), awr_clip) (IQL's and the release's: 100)"""
+    actor_schedule: Literal["cosine", "constant"] = "cosine"
+    """the actor's learning rate over --total-steps: cosine-annealed to 0 (IQL's and the release's) or constant"""
+    normalize_states: bool = True
+    """feed the stage-5 networks states normalised with the target rows' mean and std, in the data once and in
+    evaluation (utils.stage5_data); --no-normalize-states: raw states, as the official release"""
+    reward_scale: Literal["episode-range", "none"] = "episode-range"
+    """stage-5 rewards x 1000 / (max - min episode return) over every episode the run loads (IQL's rule for
+    locomotion; utils.stage5_data); none: raw rewards, as the official release"""
     dataset_constraint: float = 0.0
     """OTDF's dataset constraint: weight of -log beta(pi(s)|s) in the actor loss, beta a VAE fitted to the target data
     before stage 5 (0: off, as in every row by default; OTDF: 0.5 for gravity and morphology shifts, 0.1 for kinematic
@@ -218,21 +232,29 @@ def expectile_loss(u: torch.Tensor, expectile: float) -> torch.Tensor:
     return ((expectile - (u < 0).float()).abs() * u**2).mean()
 
 
-def awr_weights(u: torch.Tensor, beta: float) -> torch.Tensor:
-    """Eq. 5.6's advantage weights of the actor's regression: min(exp(beta u), 100)."""
-    return torch.exp(beta * u).clamp(max=100.0)
+def awr_weights(u: torch.Tensor, beta: float, clip: float = 100.0) -> torch.Tensor:
+    """Eq. 5.6's advantage weights of the actor's regression: min(exp(beta u), clip), clip 100 in IQL and the release."""
+    return torch.exp(beta * u).clamp(max=clip)
 
 
-def awr_actor_loss(mean: torch.Tensor, a: torch.Tensor, u: torch.Tensor, beta: float) -> torch.Tensor:
-    """Eq. 5.6: mean over batch and action dims of min(exp(beta u), 100) (tanh(mu(s)) - a)^2."""
-    return (awr_weights(u, beta)[:, None] * (torch.tanh(mean) - a) ** 2).mean()
+def awr_actor_loss(mean: torch.Tensor, a: torch.Tensor, u: torch.Tensor, beta: float, clip: float = 100.0) -> torch.Tensor:
+    """Eq. 5.6: mean over batch and action dims of min(exp(beta u), clip) (tanh(mu(s)) - a)^2. beta = 0: behaviour
+    cloning (--variant bc)."""
+    return (awr_weights(u, beta, clip)[:, None] * (torch.tanh(mean) - a) ** 2).mean()
 
 
-def awr_source_share(u: torch.Tensor, beta: float, n_target: int) -> torch.Tensor:
+def awr_source_share(u: torch.Tensor, beta: float, n_target: int, clip: float = 100.0) -> torch.Tensor:
     """The source rows' share of the batch's total advantage weight (rows before the last n_target): how much of the
     actor's regression imitates source behaviour. A diagnostic, logged as charts/awr_weight_source_share."""
-    w = awr_weights(u, beta)
+    w = awr_weights(u, beta, clip)
     return w[:-n_target].sum() / w.sum()
+
+
+def awr_effective_fraction(u: torch.Tensor, beta: float, clip: float = 100.0) -> torch.Tensor:
+    """(sum w)^2 / (N sum w^2) of the batch's advantage weights: 1 when the actor's regression weighs every row alike
+    (behaviour cloning), 1/N when one row carries it all. A diagnostic, logged as charts/awr_effective_fraction."""
+    w = awr_weights(u, beta, clip)
+    return w.sum() ** 2 / (len(w) * (w**2).sum())
 
 
 class TargetVAE(nn.Module):
@@ -300,6 +322,7 @@ def backbone_errors(args: Args) -> list[str]:
         (not 0 <= args.dataset_constraint < math.inf,
          f"--dataset-constraint must be finite and >= 0, got {args.dataset_constraint}"),
         (args.vae_steps < 1, f"--vae-steps must be >= 1, got {args.vae_steps}"),
+        (not 0 < args.awr_clip < math.inf, f"--awr-clip must be finite and > 0, got {args.awr_clip}"),
     ] if bad]
 
 
@@ -610,16 +633,17 @@ def score_sources(run: Run, z_traj, sql_q, sql_v, phi, psi, c_src: Optional[torc
 
 def next_batch(run: Run, filt: Optional[SourceFilter]):
     """Stage-5 batch D' (rows [s, a, r, s', d]: the kept source rows, then B target rows) and its Q-loss weights w
-    (None: all 1). merged: all B source rows; target: the target rows only. Drawn on the device, no host sync."""
+    (None: all 1). merged: all B source rows; target and bc: the target rows only. Drawn on the device, no host sync."""
     d, B, dev = run.d, run.args.batch_size, run.dev
     src_idx, tgt_idx = torch.randint(d["n_src"], (B,), device=dev), d["n_src"] + torch.randint(d["n_tgt"], (B,), device=dev)
-    if run.args.variant == "target":
-        return d["data"][tgt_idx], None
+    rows = d["stage5_rows"]  # normalised states, scaled rewards (utils.stage5_data)
+    if not utils.has_source_rows(run.args):  # target, bc
+        return rows[tgt_idx], None
     if filt is None:
-        return d["data"][torch.cat([src_idx, tgt_idx])], None
+        return rows[torch.cat([src_idx, tgt_idx])], None
     h, adv = filt.scores(src_idx)
     keep = select_kept(filter_scores(h, adv, filt.tradeoff)[0], filt.n_keep)
-    return d["data"][torch.cat([src_idx[keep], tgt_idx])], torch.cat([source_weight(h[keep]), torch.ones_like(h)])
+    return rows[torch.cat([src_idx[keep], tgt_idx])], torch.cat([source_weight(h[keep]), torch.ones_like(h)])
 
 
 @torch.no_grad()
@@ -656,7 +680,9 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     opts = vf_opt, qf_opt, actor_opt = [
         utils.init_adam_state(run.adam(net.parameters(), lr=torch.tensor(args.learning_rate, device=dev)))
         for net in (vf, qf, actor)]
-    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=args.total_steps)]
+    scheds = []  # --actor-schedule constant: the actor's lr stays
+    if args.actor_schedule == "cosine":
+        scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=args.total_steps))
     # adam_step_ takes the place of actor_opt.step(), which the scheduler would otherwise expect to see called first
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 
@@ -673,7 +699,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         with torch.no_grad():  # the Q target uses V after its update (docs/specification.md §5.6)
             y = r + args.gamma * (1 - done) * vf(s2).squeeze(-1)
         actor_out = functional_call(actor, actor_params, s)
-        actor_loss = awr_actor_loss(actor_out[:, :da], a, u, args.temperature)
+        actor_loss = awr_actor_loss(actor_out[:, :da], a, u, args.temperature, args.awr_clip)
         if vae is not None:
             actor_loss = actor_loss + dataset_constraint_loss(vae, s, actor_out, args.dataset_constraint)
         qf_loss = td_loss(functional_call(qf, qf_params, x[:, : ds + da]).squeeze(-1), y, w)
@@ -692,23 +718,42 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         utils.adam_step_(actor_opt, actor_grads)
         torch._foreach_lerp_(list(qf_t.parameters()), list(qf.parameters()), args.tau)
         value_means = utils.batch_value_means((q_min_t, q_min_t - u), args)
-        awr_share = [awr_source_share(u, args.temperature, args.batch_size)] if utils.has_source_rows(args) else []
-        return torch.stack([vf_loss, qf_loss, actor_loss, *value_means, *awr_share])
+        awr_share = ([awr_source_share(u, args.temperature, args.batch_size, args.awr_clip)]
+                     if utils.has_source_rows(args) else [])
+        ess = awr_effective_fraction(u, args.temperature, args.awr_clip)
+        return torch.stack([vf_loss, qf_loss, actor_loss, *value_means, ess, *awr_share])
 
-    update_fn = utils.compiled(update, args, dev, opts)
+    def bc_loss(actor_params: dict, x: torch.Tensor):
+        actor_loss = awr_actor_loss(functional_call(actor, actor_params, x[:, :ds])[:, :da], x[:, ds: ds + da],
+                                    torch.zeros(len(x), device=dev), 0.0)  # every weight exp(0) = 1
+        return actor_loss, actor_loss.detach()
+
+    @torch.no_grad()
+    def bc_update():
+        """--variant bc: the actor's step alone, on target rows; the same actor, loss and lr schedule as above."""
+        x, _ = batch()
+        actor_grads, (_, actor_loss) = utils.grad_and_value(bc_loss, utils.params(actor), x)
+        utils.adam_step_(actor_opt, actor_grads)
+        return actor_loss[None]
+
+    update_fn = utils.compiled(bc_update if args.variant == "bc" else update, args, dev, opts)
 
     def train_step(i: int):
         losses = update_fn()
-        scheds[0].step()  # outside the compiled update: it writes the new lr into the actor's lr tensor
+        for sched in scheds:  # outside the compiled update: it writes the new lr into the actor's lr tensor
+            sched.step()
         return losses
 
-    def eval_policy():  # deterministic tanh(mean) of a CPU copy of the actor
-        net = copy.deepcopy(actor).cpu()
-        return lambda obs: torch.tanh(net(obs)[..., :da])
+    def eval_policy():  # deterministic tanh(mean) of a CPU copy of the actor, on the observation normalised as the data
+        net, norm = copy.deepcopy(actor).cpu(), utils.normalized_observation(run.d["stage5_stats"])
+        return lambda obs: torch.tanh(net(norm(obs))[..., :da])
 
+    if args.variant == "bc":
+        return utils.Learner(dict(actor=actor), [actor_opt], scheds, ["losses/actor_loss"], train_step, eval_policy)
     nets = dict(actor=actor, qf=qf, qf_target=qf_t, vf=vf, **({"target_vae": vae} if vae is not None else {}))
     return utils.Learner(nets, opts, scheds,
                          ["losses/vf_loss", "losses/qf_loss", "losses/actor_loss", *utils.value_tags(args, ("q", "v")),
+                          "charts/awr_effective_fraction",
                           *(["charts/awr_weight_source_share"] if utils.has_source_rows(args) else [])],
                          train_step, eval_policy)
 # <<< backbone
@@ -741,9 +786,11 @@ def setup(args: Args) -> Run:
     if args.cuda and dev.type == "cpu":
         print("CUDA not available: running on CPU", flush=True)
     d, stages = utils.load_data(args, dev), VARIANT_STAGES[args.variant]
+    d["stage5_rows"], d["stage5_stats"] = utils.stage5_data(d, args.normalize_states, args.reward_scale)
     keys = utils.stage_keys(args, d["records"], stages, SCRIPT, STAGE_CONSTANTS)
     return utils.start_run(args, SCRIPT, d, dev, stages, keys, row_name(args),
-                           dict(resolved_tradeoff=tradeoff(args), kept_per_step=kept_count(args.batch_size, args.xi)))
+                           dict(resolved_tradeoff=tradeoff(args), kept_per_step=kept_count(args.batch_size, args.xi),
+                                target_data_normalized_score=utils.data_level(d), stage5_data=d["stage5_stats"]))
 
 
 def main(args: Args):

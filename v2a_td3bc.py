@@ -23,7 +23,7 @@ import v2a_utils as utils
 from v2a_utils import Run, fail, optimize, split
 
 SCRIPT = os.path.basename(__file__)
-VARIANT_STAGES = {"v2a": (1, 2, 3, 4), "dvdf": (3, 4), "igdf": (4,), "merged": (), "target": ()}
+VARIANT_STAGES = {"v2a": (1, 2, 3, 4), "dvdf": (3, 4), "igdf": (4,), "merged": (), "target": (), "bc": ()}
 PUBLISHED_TRADEOFF = {"v2a": 0.6, "dvdf": 0.7, "igdf": 1.0}  # lambda: docs/specification.md §7.1, §8 (igdf: h only)
 # the paper's six filtered rows: (--variant, --dynamics-score) -> name (run directories, results.json); §8, §10
 ROW_NAMES = {("igdf", "contrastive"): "igdf", ("dvdf", "contrastive"): "dvdf", ("v2a", "contrastive"): "v2a",
@@ -65,8 +65,9 @@ class Args:
     """transitions of the target dataset"""
     generate: bool = True
     """run data_gen.py when the datasets are missing (`--no-generate`: stop with an error instead)"""
-    variant: Literal["v2a", "dvdf", "igdf", "merged", "target"] = "v2a"
-    """v2a: h + A(s,a,z); dvdf: h + A(s,a); igdf: h only; merged: TD3+BC on source+target; target: TD3+BC on target"""
+    variant: Literal["v2a", "dvdf", "igdf", "merged", "target", "bc"] = "v2a"
+    """v2a: h + A(s,a,z); dvdf: h + A(s,a); igdf: h only; merged: TD3+BC on source+target; target: TD3+BC on target;
+    bc: behaviour cloning on the target data (the backbone's actor and its regression term alone), the anchor"""
     dynamics_score: Literal["contrastive", "ot"] = "contrastive"
     """the dynamics score h of v2a, dvdf and igdf: contrastive (IGDF's, stage 4 trains it) or ot (OTDF's optimal-
     transport score, stage 4 computes it): --variant igdf --dynamics-score ot is OTDF, dvdf: DVDF-OTDF, v2a: V2A-OTDF"""
@@ -85,7 +86,10 @@ class Args:
     eval_freq: int = 10_000
     """evaluate the policy in the target env, and checkpoint stage 5, every this many steps and after the last"""
     eval_episodes: int = 10
-    """episodes per evaluation"""
+    """episodes per periodic evaluation (the learning curves)"""
+    final_eval_episodes: int = 50
+    """episodes of the final evaluation of the last policy, the run's score (results.json final_eval), on episode seeds
+    that no periodic evaluation uses"""
     log_freq: int = 1000
     """read the losses (one host sync) and print progress every this many steps"""
     z_dim: int = 128
@@ -123,7 +127,11 @@ class Args:
     policy_freq: int = 2
     """the actor and all target networks are updated every this many critic updates"""
     normalize_states: bool = True
-    """feed the stage-5 networks states normalised with the target data's mean and std (eps 1e-3)"""
+    """feed the stage-5 networks states normalised with the target rows' mean and std (eps 1e-3), as TD3+BC prescribes:
+    in the data once and in evaluation (utils.stage5_data)"""
+    reward_scale: Literal["none", "episode-range"] = "none"
+    """stage-5 rewards: none (raw, as TD3+BC and the release) or x 1000 / (max - min episode return) over every episode
+    the run loads (IQL's rule; utils.stage5_data)"""
     # <<< backbone
 
 
@@ -541,16 +549,17 @@ def score_sources(run: Run, z_traj, sql_q, sql_v, phi, psi, c_src: Optional[torc
 
 def next_batch(run: Run, filt: Optional[SourceFilter]):
     """Stage-5 batch D' (rows [s, a, r, s', d]: the kept source rows, then B target rows) and its Q-loss weights w
-    (None: all 1). merged: all B source rows; target: the target rows only. Drawn on the device, no host sync."""
+    (None: all 1). merged: all B source rows; target and bc: the target rows only. Drawn on the device, no host sync."""
     d, B, dev = run.d, run.args.batch_size, run.dev
     src_idx, tgt_idx = torch.randint(d["n_src"], (B,), device=dev), d["n_src"] + torch.randint(d["n_tgt"], (B,), device=dev)
-    if run.args.variant == "target":
-        return d["data"][tgt_idx], None
+    rows = d["stage5_rows"]  # normalised states, scaled rewards (utils.stage5_data)
+    if not utils.has_source_rows(run.args):  # target, bc
+        return rows[tgt_idx], None
     if filt is None:
-        return d["data"][torch.cat([src_idx, tgt_idx])], None
+        return rows[torch.cat([src_idx, tgt_idx])], None
     h, adv = filt.scores(src_idx)
     keep = select_kept(filter_scores(h, adv, filt.tradeoff)[0], filt.n_keep)
-    return d["data"][torch.cat([src_idx[keep], tgt_idx])], torch.cat([source_weight(h[keep]), torch.ones_like(h)])
+    return rows[torch.cat([src_idx[keep], tgt_idx])], torch.cat([source_weight(h[keep]), torch.ones_like(h)])
 
 
 @torch.no_grad()
@@ -579,19 +588,15 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     """Stage 5b: TD3+BC on D' (docs/specification.md §9): twin critics, TD loss weighted by w, targets from the target
     actor with smoothing noise; every policy_freq steps the actor (unweighted, Q1 only) and Polyak on actor and
     critics. `batch()` draws (D', w)."""
-    args, dev, d = run.args, run.dev, run.d
-    ds, da, data, Ns = d["ds"], d["da"], d["data"], d["n_src"]
+    args, dev, ds, da = run.args, run.dev, run.d["ds"], run.d["da"]
     actor, qf = nn.Sequential(mlp(ds, da), nn.Tanh()).to(dev), EnsembleMLP(2, ds + da, 1).to(dev)
     actor_t, qf_t = copy.deepcopy(actor).requires_grad_(False), copy.deepcopy(qf).requires_grad_(False)
     opts = qf_opt, actor_opt = [utils.init_adam_state(run.adam(net.parameters())) for net in (qf, actor)]
     actor_loss = torch.zeros((), device=dev)  # the last actor loss, logged on the steps without an actor update
-    # statistics of the target data: the policy acts in the target env, and they do not move with the filter
-    s_mean, s_std = (data[Ns:, :ds].mean(0), data[Ns:, :ds].std(0) + 1e-3) if args.normalize_states else (0.0, 1.0)
     online, target = [*qf.parameters(), *actor.parameters()], [*qf_t.parameters(), *actor_t.parameters()]
 
     def critic_loss(qf_params: dict, x: torch.Tensor, w: Optional[torch.Tensor]):
-        s, a, r, s2, done = split(x, ds, da)
-        s, s2 = (s - s_mean) / s_std, (s2 - s_mean) / s_std
+        s, a, r, s2, done = split(x, ds, da)  # states normalised in the data already (utils.stage5_data)
         with torch.no_grad():
             a2 = smoothed_target_action(actor_t(s2), args.policy_noise, args.noise_clip)
             y = r + args.gamma * (1 - done) * qf_t(torch.cat([s2, a2], -1)).min(0).values.squeeze(-1)
@@ -618,15 +623,29 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         value_means = utils.batch_value_means((q_min,), args)
         return torch.stack([qf_loss, actor_loss, *value_means])
 
-    update_fn = utils.compiled(update, args, dev, opts, static=(actor_loss,))
+    def bc_loss(actor_params: dict, x: torch.Tensor):
+        loss = F.mse_loss(functional_call(actor, actor_params, x[:, :ds]), x[:, ds: ds + da])  # TD3+BC's term alone
+        return loss, loss.detach()
+
+    @torch.no_grad()
+    def bc_update(actor_step: bool):
+        """--variant bc: the actor's regression term alone, on target rows, every step (alpha = 0, no critic)."""
+        x, _ = batch()
+        actor_grads, (_, loss) = utils.grad_and_value(bc_loss, utils.params(actor), x)
+        utils.adam_step_(actor_opt, actor_grads)
+        return loss[None]
+
+    update_fn = utils.compiled(bc_update if args.variant == "bc" else update, args, dev, opts, static=(actor_loss,))
 
     def train_step(i: int):
         return update_fn(i % args.policy_freq == 0)
 
-    def eval_policy():  # the deterministic actor on normalised states, a CPU copy
-        net, mean, std = copy.deepcopy(actor).cpu(), *(torch.as_tensor(v).cpu() for v in (s_mean, s_std))
-        return lambda obs: net((obs - mean) / std)
+    def eval_policy():  # the deterministic actor, a CPU copy, on the observation normalised as the data
+        net, norm = copy.deepcopy(actor).cpu(), utils.normalized_observation(run.d["stage5_stats"])
+        return lambda obs: net(norm(obs))
 
+    if args.variant == "bc":
+        return utils.Learner(dict(actor=actor), [actor_opt], [], ["losses/actor_loss"], train_step, eval_policy)
     return utils.Learner(dict(actor=actor, actor_target=actor_t, qf=qf, qf_target=qf_t), opts, [],
                          ["losses/qf_loss", "losses/actor_loss", *utils.value_tags(args, ("q",))], train_step, eval_policy)
 # <<< backbone
@@ -659,9 +678,11 @@ def setup(args: Args) -> Run:
     if args.cuda and dev.type == "cpu":
         print("CUDA not available: running on CPU", flush=True)
     d, stages = utils.load_data(args, dev), VARIANT_STAGES[args.variant]
+    d["stage5_rows"], d["stage5_stats"] = utils.stage5_data(d, args.normalize_states, args.reward_scale)
     keys = utils.stage_keys(args, d["records"], stages, SCRIPT, STAGE_CONSTANTS)
     return utils.start_run(args, SCRIPT, d, dev, stages, keys, row_name(args),
-                           dict(resolved_tradeoff=tradeoff(args), kept_per_step=kept_count(args.batch_size, args.xi)))
+                           dict(resolved_tradeoff=tradeoff(args), kept_per_step=kept_count(args.batch_size, args.xi),
+                                target_data_normalized_score=utils.data_level(d), stage5_data=d["stage5_stats"]))
 
 
 def main(args: Args):
