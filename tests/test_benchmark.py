@@ -268,31 +268,41 @@ V2A = [10, 20, 30, 40, 50, 60, 70, 80]
 DVDF = [5, 15, 25, 35, 45, 55, 65, 75]
 
 
-def fake_export(folder, variant: str, seed: int, score, total: int = 100, earlier: Optional[list] = None):
-    """An exported run whose evaluations score `earlier` (default: `score` at step 50), then `score` at step 100
-    (None: unfinished, one evaluation at step 50)."""
+def fake_export(folder, variant: str, seed: int, score, total: int = 100, earlier: Optional[list] = None,
+                final: Optional[float] = None, norm: Optional[dict] = None, data_level: Optional[float] = None,
+                launch: str = "python benchmark.py run --sweep fx", start: float = 1.8e9):
+    """An exported run whose periodic evaluations score `earlier` (default: `score` at step 50), then `score` at step 100
+    (None: unfinished, one evaluation at step 50); `final`: a final 50-episode evaluation scoring that (runs after it
+    existed), `norm`: the backbone's normalisation flags, `data_level`: the target data's own normalized score."""
     d = folder / f"v2a_iql__{variant}__s{seed}"
     d.mkdir(parents=True)
     args = dict(script="v2a_iql.py", env_id="Hopper-v4", target_size=100000, source=None, source_size=1000000,
                 variant=variant, seed=seed, total_steps=total, repr_steps=10, sql_steps=10, info_steps=10, eval_freq=50,
-                eval_episodes=1)
+                eval_episodes=1, **(norm or {}))
     json.dump(args, open(d / "args.json", "w"))
     machine = dict(host="h", cpu="cpu", cores=2, cuda_visible=None)
-    json.dump(dict(spec=dict(grid={}, launch="python benchmark.py run --sweep fx"), attempts=[
-        dict(start=0, end=3600, rc=0, state="new", machine=machine)], wall_s=3600.0), open(d / "run.json", "w"))
+    json.dump(dict(spec=dict(grid={}, launch=launch), attempts=[
+        dict(start=start, end=start + 3600, rc=0, state="new", machine=machine, code="abc1234" + "0" * 33)],
+        wall_s=3600.0), open(d / "run.json", "w"))
     values = (earlier or [score or 0]) + ([score] if score is not None else [])
     steps = [50 * (i + 1) for i in range(len(values))]
     if score is not None:
-        json.dump(dict(variant=variant, final_normalized_score=score, evals=[[s, 0, v] for s, v in zip(steps, values)]),
-                  open(d / "results.json", "w"))
+        res = dict(variant=variant, final_normalized_score=score, evals=[[s, 0, v] for s, v in zip(steps, values)])
+        if final is not None:
+            res.update(final_normalized_score=final, last_eval_normalized_score=score, final_eval=dict(
+                step=steps[-1], episodes=50, seed=10**6, returns=[0.0] * 50, normalized_scores=[final] * 50, **{
+                    "return": 0.0, "normalized_score": final}))
+        if data_level is not None:
+            res["target_data_normalized_score"] = data_level
+        json.dump(res, open(d / "results.json", "w"))
     with open(d / "curves.csv", "w") as fh:
         fh.write("tag,step,value\n" + "".join(f"eval/normalized_score,{s},{v}\n" for s, v in zip(steps, values)))
-        if variant != "merged":
+        if variant not in ("merged", "bc"):
             fh.write("".join(f"filter/kept_frac/{n},{s},0.5\n" for n in ("gravity-0.5", "expert") for s in steps))
             fh.write("".join(f"charts/{tag},{s},0.5\n" for tag in ("q_source_rows", "awr_weight_source_share") for s in steps))
         if variant == "v2a":
-            fh.write("".join(f"repr/{tag},{i},{v}\n" for i in (5, 10) for tag, v in (("rec_loss", 1 / i),
-                                                                                   ("stage1_domain_probe_acc", 0.9))))
+            fh.write("".join(f"repr/{tag},{i},{v}\n" for i in range(1, 21) for tag, v in (
+                ("rec_loss", 0.3 if i == 9 else 0.1), ("stage1_domain_probe_acc", 0.9))))
     if variant in ("v2a", "dvdf"):
         (d / "adv_hist.csv").write_text("group,right_edge,count\ngravity-0.5-expert,0.1,3\ngravity-0.5-expert,0.2,5\n")
     if variant == "v2a":
@@ -300,84 +310,158 @@ def fake_export(folder, variant: str, seed: int, score, total: int = 100, earlie
                                      "0,1,gravity-0.5,expert\n1,0,torso-hard,random\n")
 
 
-def test_report_statistics_by_hand(tmp_path):
+def report_cfg(tmp_path, sweep="fx", **kw) -> benchmark.Report:
+    return benchmark.Report(sweep=sweep, runs_root=str(tmp_path / "runs"), results_root=str(tmp_path / "results"),
+                            pages=str(tmp_path / "docs" / "results"), index=str(tmp_path / "docs" / "results.md"),
+                            **{"reps": 1000, "poi_reps": 1000, **kw})
+
+
+def claim(md: str, a: str, b: str) -> str:
+    """The line of the claim a > b in a page's first table."""
+    return next(x for x in md.split("\n") if x.startswith(f"- `{a}` > `{b}`: "))
+
+
+def test_report_statistics_and_verdict_rule(tmp_path):
+    """evidence2: statistics by hand; the verdict rule of docs/benchmark.md: a claim holds when the CI of P(X > Y), at
+    1 - 0.05 / k for the k comparisons of the table, lies above 0.5; fewer than 5 seeds: mean and range, no IQM or CI."""
     res = tmp_path / "results" / "fx"
     for i, (a, b) in enumerate(zip(V2A, DVDF)):
         fake_export(res, "v2a", i + 1, a)
         fake_export(res, "dvdf", i + 1, b)
     fake_export(res, "igdf", 1, None)  # unfinished: counted as such, not scored
-    cfg = benchmark.Report(sweep="fx", runs_root=str(tmp_path / "runs"), results_root=str(tmp_path / "results"),
-                           out=str(tmp_path / "docs" / "results.md"), figures=str(tmp_path / "docs" / "results"), reps=2000)
+    cfg = report_cfg(tmp_path)
     (task, st), = benchmark.report(cfg).items()
-    assert task == ("v2a_iql", "Hopper-v4", 100000, None, 1000000)
+    assert task == ("v2a_iql", "Hopper-v4", 100000, None, 1000000, ())
     v, d = st["methods"]["v2a"], st["methods"]["dvdf"]
-    assert "igdf" not in st["methods"]
-    assert v["n"] == d["n"] == 8
-    assert v["mean"] == pytest.approx(45.0) and d["mean"] == pytest.approx(40.0)
-    assert v["se"] == pytest.approx(np.sqrt(600 / 8))  # sample variance of 10..80 is 600
+    assert "igdf" not in st["methods"] and v["n"] == d["n"] == 8
+    assert v["mean"] == pytest.approx(45.0) and v["se"] == pytest.approx(np.sqrt(600 / 8))  # sample variance 600
     assert v["iqm"] == pytest.approx((30 + 40 + 50 + 60) / 4) and d["iqm"] == pytest.approx((25 + 35 + 45 + 55) / 4)
     assert 10 <= v["iqm_ci"][0] < 45 < v["iqm_ci"][1] <= 80
+    assert v["agg"][2] == pytest.approx(100 - 45.0)  # the optimality gap below the expert's 100
     wins = sum((x > y) + 0.5 * (x == y) for x in V2A for y in DVDF) / 64  # 36 / 64
     assert st["poi"][("v2a", "dvdf")]["p"] == pytest.approx(wins) == pytest.approx(0.5625)
-    lo, hi = st["poi"][("v2a", "dvdf")]["ci"]
-    assert 0 <= lo < wins < hi <= 1
+    assert (st["k"], st["level"]) == (1, pytest.approx(0.95))  # one comparison: no correction
     np.random.seed(12345)  # the bootstrap is seeded by --seed alone, whatever NumPy's global state
-    assert benchmark.report(cfg)[task]["poi"][("v2a", "dvdf")]["ci"] == [lo, hi]
-    md = open(cfg.out).read()
-    assert "| v2a | 8 | 0 | 45.0 ± 8.7 | 45.0 [" in md and "| dvdf | 8 | 0 | 40.0 ± " in md
-    assert "| igdf | 0 | 1 | – |" in md and "0.56 [" in md and "TODO (lead)" in md
-    assert "`v2a` > `dvdf`: holds for the IQM only; the CIs overlap" in md
-    assert "`dvdf` > `igdf`: not testable yet" in md and "(n=8) relative to `dvdf` (n=8): +12.5 % (paper: +13.7 %)" in md
-    assert "python benchmark.py run --sweep fx" in md and "| 1.00 [1.00, 1.00] |" in md
-    fake_export(res, "merged", 1, 1.0)  # one seed: its 'CI' is the run itself, so no verdict against it
-    fake_export(res, "igdf", 2, 9.0)
-    fake_export(res, "igdf", 3, 8.0)
-    benchmark.report(cfg)
-    md = open(cfg.out).read()
-    assert "`igdf` > `merged`: not testable yet (finished seeds igdf: 2, merged: 1; a verdict needs 3 of each)" in md
-    assert "`dvdf` > `igdf`: not testable yet (finished seeds dvdf: 8, igdf: 2;" in md
-    assert "`target`" not in md  # no target-only run in the sweep: no line about it
-    for seed, score in enumerate((90.0, 95.0, 100.0)):  # target data alone, far above every V2A seed (10..80)
+    assert benchmark.report(cfg)[task]["poi"][("v2a", "dvdf")]["ci"] == st["poi"][("v2a", "dvdf")]["ci"]
+    md = open(tmp_path / "docs" / "results" / "fx.md").read()
+    assert "| v2a | 8 | 0 | 45.0 [" in md and "| 45.0 ± 8.7 (range 10.0–80.0) |" in md and "| igdf | 0 | 1 | – |" in md
+    assert claim(md, "v2a", "dvdf").startswith("- `v2a` > `dvdf`: not resolved (the CI includes 0.5): P(v2a > dvdf) = 0.56")
+    assert "Score: the last periodic evaluation (1 episodes): these runs predate the final evaluation." in md
+    for seed, score in enumerate((90.0, 95.0, 100.0, 92.0, 97.0)):  # target data alone, far above every V2A seed
         fake_export(res, "target", seed + 1, score)
-    benchmark.report(cfg)
-    md = open(cfg.out).read()
-    assert "- `v2a` > `target`: **reversed beyond the CIs** (IQM 45.0 [" in md
-    assert "relative to `target` (n=3): -52.6 %\n" in md  # (45 - 95) / 95, and no paper figure for this pair
+    for seed, score in enumerate((20.0, 30.0, 25.0)):  # three seeds: mean and range only
+        fake_export(res, "merged", seed + 1, score)
+    st = benchmark.report(cfg)[task]
+    md = open(tmp_path / "docs" / "results" / "fx.md").read()
+    assert st["k"] == 2 and st["level"] == pytest.approx(1 - 0.05 / 2)  # v2a vs dvdf and target; merged has 3 seeds
+    assert "CIs of P at 97.5 % (Bonferroni over the 2 comparisons of this table)" in md
+    assert claim(md, "v2a", "target").startswith("- `v2a` > `target`: **reversed** (`target` > `v2a` holds)")
+    assert "| merged | 3 | 0 | – (n < 5) | 25.0 (range 20.0–30.0) | – |" in md  # no IQM, no CI, no P
+    assert claim(md, "v2a", "dvdf") and "`igdf` > `merged`: not testable (finished seeds igdf: 0, merged: 3" in md
+    assert ("merged", "target") not in st["poi"] and ("v2a", "merged") not in st["poi"]
+    for line in md.split("\n"):  # every verdict follows the CI: holds exactly when its lower bound exceeds 0.5
+        if line.startswith("- `") and " = " in line and "P(" in line:
+            lo, hi = map(float, line.split("[", 1)[1].split("]")[0].split(", "))
+            assert ("**holds**" in line) == (lo > 0.5) and ("**reversed**" in line) == (hi < 0.5), line
     (res / "reading.md").write_text("V2A ends above DVDF in 5 of 8 seeds.\n")  # the hand-written reading is kept
     benchmark.report(cfg)
-    md = open(cfg.out).read()
+    md = open(tmp_path / "docs" / "results" / "fx.md").read()
     assert "V2A ends above DVDF in 5 of 8 seeds." in md and "TODO (lead)" not in md
-    pngs = sorted(os.listdir(cfg.figures))
-    assert pngs == ["adv_Hopper-v4_iql_t100000.png", "curves_fx.png", "kept_Hopper-v4_iql_t100000.png",
-                    "stage1_Hopper-v4_iql_t100000.png", "values_Hopper-v4_iql_t100000.png", "z_Hopper-v4_iql_t100000.png"]
-    assert all(f"({os.path.basename(cfg.figures)}/{p})" in md for p in pngs)
-    # every diagnostic figure is followed by its caption (the learning curves have theirs above)
-    assert all(f"({os.path.basename(cfg.figures)}/{p})\n\n*" in md for p in pngs if not p.startswith("curves_"))
+    pngs = sorted(os.listdir(tmp_path / "docs" / "results" / "fx"))
+    assert pngs == [f"{n}_Hopper-v4_iql_t100000.png" for n in ("adv", "curves", "intervals", "kept", "poi", "scores",
+                                                                  "stage1", "values", "z")]
+    # every figure is followed by its caption
+    assert all(f"(fx/{p})\n\n*" in md for p in pngs)
+    assert "the largest spike of a seed is 3.0× the median of its neighbours (8 of 8 seeds" in md  # read off the curves
 
 
 def test_report_evaluation_noise_table(tmp_path):
     """The second table scores each run by the mean of its last tail_evals evaluations; its sd column is the spread of
-    those evaluations within a run, averaged over seeds. Checked by hand on three seeds of two methods."""
+    those evaluations within a run, averaged over seeds. Checked by hand on five seeds of two methods."""
     res = tmp_path / "results" / "fx"
-    for seed, (earlier, last) in enumerate([([10, 30], 20), ([40, 40], 40), ([0, 90], 60)], 1):  # v2a
+    v2a = [([10, 30], 20), ([40, 40], 40), ([0, 90], 60), ([50, 50], 50), ([20, 20], 20)]
+    for seed, (earlier, last) in enumerate(v2a, 1):
         fake_export(res, "v2a", seed, last, total=150, earlier=earlier)
         fake_export(res, "dvdf", seed, 10.0 * seed, total=150, earlier=[10.0 * seed, 10.0 * seed])
-    cfg = benchmark.Report(sweep="fx", runs_root=str(tmp_path / "runs"), results_root=str(tmp_path / "results"),
-                           out=str(tmp_path / "docs" / "results.md"), figures=str(tmp_path / "docs" / "results"),
-                           reps=500, poi_reps=200, tail_evals=2)
+    cfg = report_cfg(tmp_path, reps=500, poi_reps=200, tail_evals=2)
     (_, st), = benchmark.report(cfg).items()
-    assert st["methods"]["v2a"]["mean"] == pytest.approx(40.0)  # the headline stays the last evaluation: 20, 40, 60
+    assert st["methods"]["v2a"]["mean"] == pytest.approx(38.0)  # the score stays the last evaluation
     v, d = st["tail"]["methods"]["v2a"], st["tail"]["methods"]["dvdf"]
-    assert v["scores"] == pytest.approx([25.0, 40.0, 75.0]) and v["mean"] == pytest.approx(140 / 3)
-    assert d["scores"] == pytest.approx([10.0, 20.0, 30.0]) and d["iqm"] == pytest.approx(20.0)
-    assert st["tail"]["poi"][("v2a", "dvdf")]["p"] == pytest.approx(8 / 9)  # 25 loses to 30 only
-    sd_v2a = np.mean([np.std([30, 20], ddof=1), 0.0, np.std([90, 60], ddof=1)])  # (7.07 + 0 + 21.21) / 3
-    se_v2a = np.std([25, 40, 75], ddof=1) / np.sqrt(3)
-    md = open(cfg.out).read()
-    assert "mean of its last 2 evaluations" in md
-    v2a_row = md.split(f"| v2a | 46.7 ± {se_v2a:.1f} | 46.7 [")[1].split("\n")[0]  # IQM of 3 seeds: their mean
-    assert v2a_row.endswith(f"| – | {sd_v2a:.1f} |")
-    assert md.split("| dvdf | 20.0 ± 5.8 | 20.0 [")[1].split("\n")[0].endswith(" | 0.0 |")
+    assert v["scores"] == pytest.approx([25.0, 40.0, 75.0, 50.0, 20.0]) and v["mean"] == pytest.approx(42.0)
+    assert d["scores"] == pytest.approx([10.0, 20.0, 30.0, 40.0, 50.0]) and d["iqm"] == pytest.approx(30.0)
+    wins = sum((x > y) + 0.5 * (x == y) for x in v["scores"] for y in d["scores"]) / 25
+    assert st["tail"]["poi"][("v2a", "dvdf")]["p"] == pytest.approx(wins)
+    sd_v2a = np.mean([np.std([30, 20], ddof=1), 0.0, np.std([90, 60], ddof=1), 0.0, 0.0])
+    md = open(tmp_path / "docs" / "results" / "fx.md").read()
+    assert "mean of its last 2 periodic evaluations" in md
+    noise = md.split("**Evaluation noise.**")[1]
+    v2a_row = next(x for x in noise.split("\n") if x.startswith("| v2a | "))  # IQM of 20, 25, 40, 50, 75: 38.3
+    assert v2a_row.startswith("| v2a | 38.3 [") and v2a_row.endswith(f"| – | {sd_v2a:.1f} |")
+
+
+def test_report_one_page_per_sweep_and_an_index(tmp_path, capsys):
+    """journey: each sweep gets its own page and figure folder; a report never touches another sweep's; the index
+    lists the pages that exist; unfinished runs are counted, not scored; the report says what it does; regenerating
+    gives the same bytes."""
+    for sweep, shift in (("fx", 0), ("fy", 5)):
+        for seed in range(1, 6):
+            fake_export(tmp_path / "results" / sweep, "v2a", seed, 10.0 * seed + shift)
+            fake_export(tmp_path / "results" / sweep, "dvdf", seed, 10.0 * seed)
+    fake_export(tmp_path / "results" / "fx", "dvdf", 6, None)  # an export of a killed run: no results.json
+    pages = tmp_path / "docs" / "results"
+    benchmark.report(report_cfg(tmp_path, "fx"))
+    out = capsys.readouterr().out
+    for line in ("[report] reading runs from", "[report] 11 runs: 10 finished, 1 unfinished (counted, not scored)",
+                 "bootstrap (1000 replications", "[report] figure ", f"[report] wrote {pages / 'fx.md'}",
+                 "[report] wrote " + str(tmp_path / "docs" / "results.md")):
+        assert line in out, line
+    snapshot = {p: p.read_bytes() for p in [pages / "fx.md", *sorted((pages / "fx").iterdir())]}
+    assert "| dvdf | 5 | 1 |" in snapshot[pages / "fx.md"].decode()
+    benchmark.report(report_cfg(tmp_path, "fy"))
+    assert {p: p.read_bytes() for p in [pages / "fx.md", *sorted((pages / "fx").iterdir())]} == snapshot
+    assert (pages / "fy.md").exists() and sorted(os.listdir(pages / "fy")) == sorted(os.listdir(pages / "fx"))
+    index = (tmp_path / "docs" / "results.md").read_text()
+    assert "**[fx](results/fx.md)**" in index and "**[fy](results/fy.md)**" in index
+    (pages / "fx" / "old_figure.png").write_bytes(b"")  # a figure the report no longer makes: removed
+    benchmark.report(report_cfg(tmp_path, "fx"))
+    assert {p: p.read_bytes() for p in [pages / "fx.md", *sorted((pages / "fx").iterdir())]} == snapshot
+
+
+def test_report_backbone_final_evaluation_and_anchors(tmp_path):
+    """backbone: runs from before the final evaluation and the normalisation flags get their own table, labelled
+    'release IQL: raw states and rewards' and scored by their last periodic evaluation; newer runs are scored by the
+    final evaluation, with the target data's level and BC's as anchors; a page says at its top when no learner reaches
+    BC's level; the Setup shows the flags, names no machine path, and labels process-hours and late code records."""
+    res = tmp_path / "results" / "fx"
+    old = "python benchmark.py run --sweep fx --runs-root /root/x-runs --results-root /abs/main/results -- --total-steps 9"
+    for seed in range(1, 6):
+        fake_export(res, "v2a", seed, 20.0 + seed, launch=old, start=1.7e9)  # before the runner recorded code at start
+    norm = dict(normalize_states=True, reward_scale=0.5)
+    for seed in range(11, 16):  # periodic 90 (the last), final evaluation 30 + seed: the score is the final one
+        fake_export(res / "new", "v2a", seed, 90.0, final=30.0 + seed, norm=norm, data_level=70.0)
+        fake_export(res / "new", "bc", seed, 90.0, final=60.0 + seed, norm=norm, data_level=70.0)
+    for d in (res / "new").iterdir():
+        d.rename(res / d.name)
+    cfg = report_cfg(tmp_path)
+    stats = benchmark.report(cfg)
+    md = open(tmp_path / "docs" / "results" / "fx.md").read()
+    old_task, new_task = sorted(stats, key=lambda t: len(t[5]))
+    assert stats[new_task]["methods"]["v2a"]["scores"] == pytest.approx([41, 42, 43, 44, 45])
+    assert stats[old_task]["methods"]["v2a"]["scores"] == pytest.approx([21, 22, 23, 24, 25])
+    assert "## Hopper-v4, release IQL: raw states and rewards; target 100,000" in md
+    assert "## Hopper-v4, IQL: normalized states, rewards × 0.5; target 100,000" in md
+    assert "Score: the last periodic evaluation (1 episodes): these runs predate the final evaluation." in md
+    assert "Score: the final evaluation of each run (50 episodes at the end of stage 5" in md
+    assert "Anchors: target data 70.0 · BC 73.0 (IQM of 5 seeds) · expert 100." in md
+    assert "Anchors: target data: not on record for these runs" in md
+    assert md.index("no learner reaches behaviour cloning's level** (BC 73.0; the best, `v2a`, 43.0)") < md.index("## ")
+    assert claim(md, "v2a", "bc").startswith("- `v2a` > `bc`: **reversed**")
+    assert '"normalize_states": true, "reward_scale": 0.5' in md
+    assert "/root" not in md and "/abs" not in md and "--runs-root" not in md
+    assert "Process-hours (one thread each, 2-core h shared by up to" in md
+    assert "`abc1234`: IQL v2a s1 †, IQL v2a s2 †" in md and "† Recorded when the attempt ended" in md
+    assert "IQL v2a s11," in md and "IQL v2a s11 †" not in md
+    assert len([f for f in os.listdir(tmp_path / "docs" / "results" / "fx") if f.startswith("scores_")]) == 2
 
 
 def test_central_range_of_pooled_histograms():
