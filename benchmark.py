@@ -572,7 +572,8 @@ def export_run(run_dir: str, dest: str, max_points: int = 250):
 MIN_SEEDS = 5  # fewer finished seeds: mean and range only (a bootstrap over 3 runs is little more than the runs themselves)
 ALPHA = 0.05  # family-wise error rate of a table's pairwise comparisons (Bonferroni: each CI at 1 - ALPHA / k)
 EXPERT = 100.0  # the normalized score of the target env's expert (ref_max): the optimality gap's threshold
-NORM_FLAGS = ("normalize_states", "normalize_rewards", "reward_scale")  # the backbone's input scaling: part of the task
+# the backbone's input scaling and actor settings (flags newer than the Hopper sweep): part of the task, not a method
+NORM_FLAGS = ("normalize_states", "reward_scale", "awr_clip", "actor_schedule")
 # Runners older than commit 4b8be74 (2026-11-26 14:54:51 UTC) read an attempt's code version when the attempt ended, so
 # an attempt that started before it names the checkout at its end, not the code it started with
 CODE_AT_START_SINCE = 1795704891
@@ -619,10 +620,12 @@ def backbone_label(task) -> str:
     if not norm:
         return f"release {name}: raw states and rewards"
     states = "normalized states" if norm.get("normalize_states") else "raw states"
-    scale = norm.get("reward_scale")
-    rewards = ("normalized rewards" if norm.get("normalize_rewards") else
-               f"rewards × {scale:g}" if scale not in (None, 1, 1.0) else "raw rewards")
-    return f"{name}: {states}, {rewards}"
+    scale = norm.get("reward_scale", "none")
+    rewards = ("raw rewards" if scale in ("none", None) else
+               "rewards × 1000 / episode-return range" if scale == "episode-range" else f"reward scale {scale}")
+    actor = [f"AWR clip {norm['awr_clip']:g}"] if norm.get("awr_clip", 100.0) != 100.0 else []
+    actor += [f"{norm['actor_schedule']} actor lr"] if norm.get("actor_schedule", "cosine") != "cosine" else []
+    return f"{name}: {', '.join([states, rewards, *actor])}"
 
 
 def task_label(task) -> str:

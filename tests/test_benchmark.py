@@ -436,7 +436,7 @@ def test_report_backbone_final_evaluation_and_anchors(tmp_path):
     old = "python benchmark.py run --sweep fx --runs-root /root/x-runs --results-root /abs/main/results -- --total-steps 9"
     for seed in range(1, 6):
         fake_export(res, "v2a", seed, 20.0 + seed, launch=old, start=1.7e9)  # before the runner recorded code at start
-    norm = dict(normalize_states=True, reward_scale=0.5)
+    norm = dict(normalize_states=True, reward_scale="episode-range", awr_clip=100.0, actor_schedule="constant")
     for seed in range(11, 16):  # periodic 90 (the last), final evaluation 30 + seed: the score is the final one
         fake_export(res / "new", "v2a", seed, 90.0, final=30.0 + seed, norm=norm, data_level=70.0)
         fake_export(res / "new", "bc", seed, 90.0, final=60.0 + seed, norm=norm, data_level=70.0)
@@ -449,14 +449,15 @@ def test_report_backbone_final_evaluation_and_anchors(tmp_path):
     assert stats[new_task]["methods"]["v2a"]["scores"] == pytest.approx([41, 42, 43, 44, 45])
     assert stats[old_task]["methods"]["v2a"]["scores"] == pytest.approx([21, 22, 23, 24, 25])
     assert "## Hopper-v4, release IQL: raw states and rewards; target 100,000" in md
-    assert "## Hopper-v4, IQL: normalized states, rewards × 0.5; target 100,000" in md
+    assert ("## Hopper-v4, IQL: normalized states, rewards × 1000 / episode-return range, constant actor lr; target 100,000"
+            in md)
     assert "Score: the last periodic evaluation (1 episodes): these runs predate the final evaluation." in md
     assert "Score: the final evaluation of each run (50 episodes at the end of stage 5" in md
     assert "Anchors: target data 70.0 · BC 73.0 (IQM of 5 seeds) · expert 100." in md
     assert "Anchors: target data: not on record for these runs" in md
     assert md.index("no learner reaches behaviour cloning's level** (BC 73.0; the best, `v2a`, 43.0)") < md.index("## ")
     assert claim(md, "v2a", "bc").startswith("- `v2a` > `bc`: **reversed**")
-    assert '"normalize_states": true, "reward_scale": 0.5' in md
+    assert '"normalize_states": true, "reward_scale": "episode-range", "awr_clip": 100.0, "actor_schedule": "constant"' in md
     assert "/root" not in md and "/abs" not in md and "--runs-root" not in md
     assert "Process-hours (one thread each, 2-core h shared by up to" in md
     assert "`abc1234`: IQL v2a s1 †, IQL v2a s2 †" in md and "† Recorded when the attempt ended" in md
