@@ -817,6 +817,10 @@ def stat_cells(st: dict, m: str) -> str:
             f"{'; '.join(pois) or '–'}")
 
 
+def poi_header(st: dict) -> str:
+    return f"P(V2A > method) [{level_text(st).split(' (')[0]} CI]" if st["k"] else "P(V2A > method)"
+
+
 def level_text(st: dict) -> str:
     return (f"{100 * st['level']:.2f}".rstrip("0").rstrip(".") + f" % (Bonferroni over the {st['k']} comparisons of this "
             "table)" if st["k"] else "–")
@@ -1143,8 +1147,8 @@ def report(cfg: "Report") -> dict:
         anc = anchors(truns, st)
         present = {r["method"] for r in truns}
         L += [f"## {task_label(task)}", "", score_protocol(truns), "", anchor_line(anc), "",
-              f"| method | seeds finished | unfinished | IQM [95 % CI] | mean ± s.e. (range) | P(V2A > method) "
-              f"[{level_text(st).split(' (')[0]} CI] | seeds |", "|---|---|---|---|---|---|---|"]
+              f"| method | seeds finished | unfinished | IQM [95 % CI] | mean ± s.e. (range) | {poi_header(st)} | seeds |",
+              "|---|---|---|---|---|---|---|"]
         for m in sorted(present, key=method_order):
             unf = sum(1 for r in truns if r["method"] == m and not r["finished"])
             seeds = sorted(r["seed"] for r in truns if r["method"] == m and r["finished"])
@@ -1220,8 +1224,8 @@ def tail_lines(k: int, truns: list[dict], tail: dict) -> list[str]:
     L = [f"**Evaluation noise.** The same statistics and rule with each run scored by the mean of its last {k} periodic "
          "evaluations (a check, not the score); sd within a run: the standard deviation of those "
          f"{k} evaluations, mean over the seeds.", "",
-         f"| method | mean of last {k}: IQM [95 % CI] | mean ± s.e. (range) | P(V2A > method) "
-         f"[{level_text(tail).split(' (')[0]} CI] | sd within a run |", "|---|---|---|---|---|"]
+         f"| method | mean of last {k}: IQM [95 % CI] | mean ± s.e. (range) | {poi_header(tail)} | sd within a run |",
+         "|---|---|---|---|---|"]
     for m in tail["methods"]:
         sds = [float(np.std(r["evals"][-k:], ddof=1)) for r in truns if r["method"] == m and r["finished"]
                and len(r["evals"]) > 1]
