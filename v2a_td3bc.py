@@ -7,6 +7,7 @@ import functools
 import math
 import os
 import random
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from torch.func import functional_call
 
 import v2a_utils as utils
@@ -106,7 +106,9 @@ class Args:
     """Polyak rate of the target Q networks"""
     resume: Optional[str] = None
     """`runs/<name>`: continue that run (finished stages are loaded, stage 5 continues from its checkpoint) with the
-    run's own flags; only --total-steps may grow"""
+    run's own flags, read from its args.json: `--resume runs/<name>` alone suffices. A flag given with it must have the
+    run's value, except --total-steps, which may grow, and those that do not change training (--log-freq, --compile,
+    --track, ...)"""
     reuse_stages: Optional[str] = None
     """`runs/<name>`: load stages 1-4 of that run and train stage 5 afresh (lambda / xi sweeps); the stages must
     come from the same datasets, seed, variant stages and stage flags (either script)"""
@@ -705,8 +707,8 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop: as Ctrl-C, not a silent exit 143
     try:
-        main(tyro.cli(Args, description=DESCRIPTION))
-    except KeyboardInterrupt:  # one line, no traceback: every stage's last checkpoint is intact (atomic saves)
-        fail("interrupted (Ctrl-C); continue the run with --resume runs/<its directory> (stage 5 restarts from its last "
-             "evaluation, an unfinished earlier stage from its beginning)")
+        main(utils.cli(Args, DESCRIPTION))
+    except KeyboardInterrupt as e:  # one line, no traceback; once the run folder exists, it names the resume command
+        fail(str(e) or "interrupted before the run folder was made: nothing to continue; run the same command again")

@@ -1,17 +1,21 @@
 # Plumbing shared by v2a_iql.py and v2a_td3bc.py: flag and dataset checks, checkpoints that can be trusted, the
 # training loop's logging, evaluation and timing. The method itself (networks, losses, stages) is in each script;
 # nothing here changes what a run computes. docs: docs/v2a_iql.md ("Files")
+import contextlib
 import glob
+import io
 import json
 import math
 import os
 import random
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple, Optional
 
 import minari
@@ -21,6 +25,7 @@ import torch._dynamo
 import torch._inductor.config
 import torch.nn as nn
 import torch.utils.flop_counter
+import tyro
 from minari.storage import get_dataset_path
 from torch.utils.tensorboard import SummaryWriter
 
@@ -172,9 +177,16 @@ def load_data(args, device: torch.device) -> dict:
     def read(ds_id):
         try:
             ds = opened[ds_id][0]
-            return flatten(ds), list(ds.storage.get_episode_metadata(range(ds.total_episodes)))
+            (x, lens), metas = flatten(ds), list(ds.storage.get_episode_metadata(range(ds.total_episodes)))
         except Exception as e:
             fail(f"dataset {ds_id} cannot be read ({one_line(e)}); {regenerate_hint(args)}")
+        if not np.isfinite(x).all():  # here, not as a non-finite loss stages later, after a run folder was written
+            n_s, n_a = ds.observation_space.shape[0], ds.action_space.shape[0]
+            cols = {"observations": [*range(n_s), *range(n_s + n_a + 1, 2 * n_s + n_a + 1)],
+                    "actions": range(n_s, n_s + n_a), "rewards": [n_s + n_a], "terminations": [2 * n_s + n_a + 1]}
+            bad = [k for k, c in cols.items() if not np.isfinite(x[:, list(c)]).all()]
+            fail(f"dataset {ds_id} holds NaN or infinite values (in its {', '.join(bad)}); {regenerate_hint(args)}")
+        return (x, lens), metas
     tgt_ds = opened[tgt_id][0]
     rows, lens, labels = [], [], []
     for ds_id, (dom, qual, _) in zip(src_ids, parse_source(args.source)):
@@ -310,10 +322,57 @@ def check_resume(args, script: str):
     if args.total_steps < old.get("total_steps", 0):
         diff.append(f"--total-steps {old['total_steps']} (now {args.total_steps}; it may only grow)")
     if diff:
-        fail(f"--resume {args.resume} was made with other flags: {', '.join(diff)}; pass that run's flags")
+        fail(f"--resume {args.resume} was made with other flags: {', '.join(diff)}; leave those flags out (--resume "
+             f"alone continues the run with its own flags)")
     args.reuse_stages = old.get("reuse_stages")
     if args.reuse_stages and not os.path.isdir(args.reuse_stages):
         fail(f"--resume {args.resume} loads its stages 1-4 from {args.reuse_stages}, which is not a directory any more")
+
+
+def cli(args_type, description: str, argv: Optional[list] = None):
+    """The command line, as tyro.cli parses it, with two differences. A flag tyro rejects is one line, as every other
+    error of the scripts (tyro draws a box). With --resume DIR, a flag not given takes that run's value (its args.json;
+    NEW_FLAG_DEFAULTS' for a flag newer than the run), so that --resume DIR alone continues the run as it was made; a
+    flag given with another value than the run's is then refused by check_resume, as before."""
+    args = parse_flags(args_type, description, argv)
+    if args.resume and (own := run_flags(args.resume, args_type)) is not None:
+        args = parse_flags(args_type, description, argv, default=own)
+    return args
+
+
+def run_flags(run_dir: str, args_type):
+    """The flags a run was made with, as an `args_type`; None where its args.json cannot be read (check_resume says
+    why). args.json also holds what is not a flag (script, device, datasets, ...): left out. So are the flags that
+    name other runs: check_resume takes the run's --reuse-stages itself."""
+    try:
+        with open(os.path.join(run_dir, "args.json")) as fh:
+            old = json.load(fh)
+        own = {f.name: old[f.name] if f.name in old else NEW_FLAG_DEFAULTS[f.name] for f in fields(args_type)
+               if (f.name in old or f.name in NEW_FLAG_DEFAULTS) and f.name not in ("resume", "reuse_stages", "bench")}
+        return args_type(**own)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def parse_flags(args_type, description: str, argv: Optional[list], **kwargs):
+    """tyro.cli; its error box -> fail() with the box's message on one line (and the flag it suggests for a misspelt
+    one). A box it cannot read is passed on as tyro drew it."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = tyro.cli(args_type, description=description, args=argv, **kwargs)
+    except SystemExit as e:
+        rows = [r.strip("│ ") for r in re.sub(r"\x1b\[[0-9;]*m", "", err.getvalue()).splitlines() if r.startswith("│")]
+        cut = [i for i, r in enumerate(rows) if r and set(r) == {"─"}] + [len(rows)]  # the box's section rules
+        message = " ".join(r for r in rows[: cut[0]] if r)
+        if "Perhaps you meant:" in rows[cut[0]: cut[0] + 2] and len(rows) > cut[0] + 2:
+            message += f" (perhaps {rows[cut[0] + 2].split()[0]})"
+        if e.code and message:
+            fail(f"{message.rstrip('.')}; python {os.path.basename(sys.argv[0])} --help lists the flags")
+        sys.stderr.write(err.getvalue())
+        raise
+    sys.stderr.write(err.getvalue())  # tyro's warnings, if it gave any
+    return args
 
 
 def read_checkpoint(path: str, key: dict, dev: torch.device, hint: str) -> dict:
@@ -575,8 +634,12 @@ def matmul_rate(dev: torch.device, m: int = 192, k: int = 256, n: int = 256, sec
 
 
 def save(obj: dict, path: str):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: an interrupted save leaves the previous checkpoint intact
+    try:
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: an interrupted save leaves the previous checkpoint intact
+    except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot write as a RuntimeError
+        fail(f"cannot write {path} ({one_line(e)}); the checkpoints written before are intact: make room or make "
+             f"{os.path.dirname(path) or '.'} writable, then continue the run with --resume {os.path.dirname(path)}")
 
 
 # ---- Diagnostics of the method at work (the paper's Fig. 2): z per domain, the dynamics score per domain ------------
@@ -683,19 +746,72 @@ def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys
     loaded = {} if bench else load_checkpoints(args, stages, keys, dev)
     run_dir = (args.resume.rstrip("/") if args.resume else tempfile.mkdtemp(prefix="v2a_bench_") if bench
                else f"runs/{args.env_id}__{args.exp_name}__{row}__{args.seed}__{int(time.time())}")
-    if args.resume:  # what this process computes again is logged again: drop it from the event files first
-        cut_events(run_dir, {0: -1, **{k: math.inf if k in loaded else -1 for k in (1, 2, 3, 4)},
-                             5: loaded[5][1]["step"] if 5 in loaded else -1})
-    if args.track:
-        import wandb
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=os.path.basename(run_dir), save_code=True)
-    writer = SummaryWriter(run_dir)
     hparams = {**vars(args), "script": script, **hparams, "device": str(dev), "datasets": d["records"]}
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hparams.items()))
-    with open(os.path.join(run_dir, "args.json"), "w") as fh:
-        json.dump(hparams, fh, indent=1)
+    try:  # the run's first writes: a folder that cannot be written stops it here, in one line, before anything trains
+        os.makedirs(run_dir, exist_ok=True)
+        if args.resume:  # what this process computes again is logged again: drop it from the event files first
+            cut_events(run_dir, {0: -1, **{k: math.inf if k in loaded else -1 for k in (1, 2, 3, 4)},
+                                 5: loaded[5][1]["step"] if 5 in loaded else -1})
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=os.path.basename(run_dir), save_code=True)
+        writer = SummaryWriter(run_dir)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hparams.items()))
+        with open(os.path.join(run_dir, "args.json"), "w") as fh:
+            json.dump(hparams, fh, indent=1)
+    except OSError as e:
+        fail(f"cannot write the run folder {run_dir} ({one_line(e)}); " +
+             ("make it writable, or copy it to a writable place and --resume the copy" if args.resume else
+              "start the run from a folder where it can write: runs/ is made in the working directory"))
+    if not bench:
+        command = resume_command(script, run_dir)
+        print(f"run folder: {run_dir}; if it stops, continue it with: {command}", flush=True)
+        print(estimate(args, script, stages, loaded, dev), flush=True)
+        stop_with_resume_command(command)
     return Run(args, d, dev, run_dir, writer, keys, loaded, stages, row, mm_rate)
+
+
+def resume_command(script: str, run_dir: str) -> str:
+    """The command that continues the run in run_dir, from the working directory it was started in."""
+    prog = sys.argv[0] if os.path.basename(sys.argv[0]) == script else script  # as typed: another folder's script too
+    return f"python {shlex.quote(prog)} --resume {shlex.quote(run_dir)}"
+
+
+def stop_with_resume_command(command: str):
+    """From here on, Ctrl-C and SIGTERM (a scheduler's, kill's: by default a silent exit 143) raise a KeyboardInterrupt
+    that carries the command continuing the run; the scripts' __main__ prints it as their one-line error. Every
+    checkpoint written so far is intact (atomic saves)."""
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(f"{signal.Signals(signum).name}: stopped; continue the run with {command} (stage 5 "
+                                f"restarts from its last evaluation, an unfinished earlier stage from its beginning)")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # a background job's ignored Ctrl-C stays ignored
+            signal.signal(sig, stop)
+
+
+# Rough rates of the stages on the 2-core CPU of the docs, one thread, another run on the other core, read off the
+# README's reduced-budget runs and docs/speed.md. Stage 1's depends on the robot: the GRU skips the steps after an
+# episode's end, and Hopper's and Ant's random data hold many short episodes. Stage 5's include its evaluations.
+CPU_RATES = dict(tc_elbo={"Hopper": 10.0, "Walker2d": 4.0, "HalfCheetah": 1.8, "Ant": 7.5}, sql=100.0, info=200.0,
+                 ot_seconds_per_million_rows=350.0, vae=40.0, stage5={"v2a_iql.py": 200.0, "v2a_td3bc.py": 240.0},
+                 stage5_dataset_constraint=8.6)
+
+
+def estimate(args, script: str, stages: tuple, loaded: dict, dev: torch.device) -> str:
+    """One line: the time that the stages this process trains will take at CPU_RATES, from the flags' budgets."""
+    r, constraint = CPU_RATES, getattr(args, "dataset_constraint", 0.0) > 0  # an IQL-only flag
+    start = loaded[5][1]["step"] if 5 in loaded else 0
+    seconds = {1: args.repr_steps / r["tc_elbo"].get(data_gen.robot_of(args.env_id), 10.0), 3: args.sql_steps / r["sql"],
+               4: args.info_steps / r["info"] if args.dynamics_score == "contrastive"
+               else r["ot_seconds_per_million_rows"] * args.source_size / 1e6,
+               5: (args.vae_steps / r["vae"] if constraint and start == 0 else 0.0) + max(0, args.total_steps - start)
+               / (r["stage5_dataset_constraint"] if constraint else r["stage5"].get(script, 200.0))}
+    todo = {k: t for k, t in seconds.items() if k in stages and k not in loaded or k == 5 and start < args.total_steps}
+    span = lambda t: f"{t:.0f} s" if t < 60 else f"{t / 60:.0f} min" if t < 3600 else f"{t / 3600:.1f} h"
+    where = "measured on a 2-core CPU, one thread" + ("; this GPU is faster" if dev.type == "cuda" else "")
+    parts = ", ".join(f"stage {k} {span(t)}" for k, t in todo.items()) or "nothing but the final evaluation"
+    return f"estimate (rough): about {span(sum(todo.values()))} to train ({parts}); rates {where} (docs/speed.md)"
 
 
 # ---- Stage 5's loop, the same for every backbone ------------------------------------------------------------------

@@ -1,19 +1,23 @@
 """Runs a user can trust: the datasets are the ones the flags name, --resume and --reuse-stages load only what the
 current flags would compute and leave the run untouched when they refuse, a resumed run logs every step once, the
 data_gen.py child never outlives the training script, training does not depend on --log-freq, and --help says what a
-run does. Most runs are in-process (`main(tyro.cli(Args, args=...))`) with the tiny datasets of conftest.py."""
+run does. Most runs are in-process (`main(utils.cli(Args, ...))`, as `__main__` runs them) with the tiny datasets of
+conftest.py."""
+import errno
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import h5py
+import numpy as np
 import pytest
 import torch
-import tyro
 from conftest import ROOT, SUBPROCESS_TIMEOUT
 
 import data_gen
@@ -32,7 +36,7 @@ def train(script: str, argv: list, cwd) -> str:
     os.chdir(cwd)
     sys.argv = [f"{script}.py"]  # the program name in error messages, as on the command line
     try:
-        m.main(tyro.cli(m.Args, args=[str(a) for a in argv]))
+        m.main(m.utils.cli(m.Args, m.DESCRIPTION, [str(a) for a in argv]))  # as __main__ parses the command line
     finally:
         os.chdir(old)
         sys.argv = old_argv
@@ -97,6 +101,12 @@ def truncate(path):
         fh.truncate(os.path.getsize(path) // 2)
 
 
+def poke(path, ds_id, field, value):
+    """One value of an episode's `field` in a dataset's HDF5 file replaced, e.g. by a NaN."""
+    with h5py.File(os.path.join(path, ds_id, "data", "main_data.hdf5"), "r+") as f:
+        f["episode_1"][field][3, ...] = value
+
+
 DATASET_CASES = {  # name: (edit of a copy of the datasets, source spec, expected message)
     "other mixture, same ids": (None, "gravity-0.5:expert,torso-hard:random,legjnt-hard:medium",
                                 "was generated with other arguments: mixture 'torso-hard:random,"),
@@ -105,6 +115,10 @@ DATASET_CASES = {  # name: (edit of a copy of the datasets, source spec, expecte
     "no generation record": (lambda p, src, tgt: edit_record(p, tgt), None, "has no generation record"),
     "truncated file": (lambda p, src, tgt: truncate(os.path.join(p, src[0], "data", "main_data.hdf5")), None,
                        "cannot be"),
+    "NaN in the target's states": (lambda p, src, tgt: poke(p, tgt, "observations", np.nan), None,
+                                   "holds NaN or infinite values (in its observations)"),
+    "inf in a source's rewards": (lambda p, src, tgt: poke(p, src[2], "rewards", np.inf), None,
+                                  "holds NaN or infinite values (in its rewards)"),
 }
 
 
@@ -152,6 +166,80 @@ def test_failed_resume_leaves_run_untouched(case, iql_run, tiny_data, other_data
     before = snapshot(run_dir)
     msg = refused(script, tiny_data["base_args"] + TINY + extra + ["--resume", run_dir], tmp_path)
     assert message in msg and snapshot(run_dir) == before and os.listdir(tmp_path / "runs") == [os.path.basename(run_dir)]
+
+
+def test_resume_alone_takes_the_runs_own_flags(iql_run, tmp_path):
+    """`--resume DIR` alone continues the run with the flags of its args.json (tiny datasets and budgets here, not the
+    defaults); a flag given with another value than the run's is still refused, a larger --total-steps is not."""
+    run_dir = copy_run(iql_run, tmp_path)
+    before = snapshot(run_dir)
+    msg = refused("v2a_iql", ["--resume", run_dir, "--seed", "2"], tmp_path)
+    assert "was made with other flags: --seed 1 (now 2); leave those flags out" in msg and "--source-size" not in msg
+    assert snapshot(run_dir) == before
+    train("v2a_iql", ["--resume", run_dir, "--total-steps", "150", "--final-eval-episodes", "2"], tmp_path)
+    assert torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)["step"] == 150
+
+
+def test_resume_alone_of_a_run_older_than_a_flag(tiny_data, tmp_path):
+    """A run whose args.json predates a flag (--normalize-states and --reward-scale absent) continues with the value
+    that the run's code had before the flag existed (NEW_FLAG_DEFAULTS), not with today's default."""
+    argv = tiny_data["base_args"] + TINY + ["--variant", "target", "--no-normalize-states", "--reward-scale", "none",
+                                            "--final-eval-episodes", "2"]
+    run_dir = train("v2a_iql", argv + ["--total-steps", "50"], tmp_path)
+    path = os.path.join(run_dir, "args.json")
+    old = {k: v for k, v in json.load(open(path)).items() if k not in ("normalize_states", "reward_scale")}
+    json.dump(old, open(path, "w"))
+    train("v2a_iql", ["--resume", run_dir], tmp_path)  # the run's own --total-steps: nothing left but its evaluation
+    train("v2a_iql", ["--resume", run_dir, "--total-steps", "100"], tmp_path)
+    assert torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)["step"] == 100
+    assert {k: json.load(open(path))[k] for k in ("normalize_states", "reward_scale")} == {
+        "normalize_states": False, "reward_scale": "none"}
+
+
+def read_only_error(path) -> OSError:
+    return OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+
+def test_a_read_only_working_directory_is_one_line(tiny_data, tmp_path, monkeypatch):
+    """runs/ cannot be made (simulated where it is made: the tests run as root, whom chmod does not stop): one line
+    naming the folder, and nothing trains."""
+    makedirs = os.makedirs
+    def read_only(path, *a, **kw):
+        if str(path).startswith("runs"):
+            raise read_only_error(path)
+        return makedirs(path, *a, **kw)
+    monkeypatch.setattr(os, "makedirs", read_only)
+    msg = refused("v2a_iql", tiny_data["base_args"] + TINY + ["--variant", "target"], tmp_path)
+    assert "cannot write the run folder runs/Hopper-v4__v2a_iql__target__1__" in msg and "Read-only file system" in msg
+    assert "working directory" in msg and not os.path.exists(tmp_path / "runs")
+
+
+def test_resume_of_a_read_only_run_is_one_line(iql_run, tmp_path, monkeypatch):
+    """--resume of a run on a read-only file system (simulated: every file of the run opened for writing fails as
+    there): one line that says what to do, and the run is untouched."""
+    run_dir, real_open = copy_run(iql_run, tmp_path), open
+    before = snapshot(run_dir)
+    def read_only(file, mode="r", *a, **kw):
+        if set(mode) & set("wax+") and os.path.abspath(str(file)).startswith(run_dir):
+            raise read_only_error(file)
+        return real_open(file, mode, *a, **kw)
+    monkeypatch.setattr("builtins.open", read_only)
+    msg = refused("v2a_iql", ["--resume", run_dir, "--total-steps", "150"], tmp_path)
+    monkeypatch.undo()
+    assert f"cannot write the run folder {run_dir} (OSError: [Errno 30] Read-only file system" in msg
+    assert "make it writable" in msg
+    assert snapshot(run_dir) == before
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(tiny_data, tmp_path, monkeypatch):
+    """A stage-5 checkpoint that cannot be written (a full disk, as torch.save reports it): one line that names the file
+    and the way on."""
+    def full_disk(obj, path, *a, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(torch, "save", full_disk)
+    msg = refused("v2a_iql", tiny_data["base_args"] + TINY + ["--variant", "target"], tmp_path)
+    assert "cannot write runs/Hopper-v4__v2a_iql__target__1__" in msg and "/stage5.pt (RuntimeError: [enforce fail" in msg
+    assert "continue the run with --resume runs/Hopper-v4__v2a_iql__target__1__" in msg
 
 
 REUSE_CASES = {  # name: (script, flags, reuse the dvdf run made on other data, expected message)
@@ -314,6 +402,32 @@ def test_signal_during_generation_stops_the_child(sig, tmp_path):
     assert not any(map(alive, kids)), "data_gen.py outlived the training script"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_run_names_its_resume_command(sig, tiny_data, tmp_path):
+    """The run folder and the whole run's estimate are printed when the run starts; Ctrl-C or SIGTERM (a scheduler's,
+    kill's) during training ends it with one line: the command that continues it."""
+    env = dict(os.environ, MINARI_DATASETS_PATH=tiny_data["minari_path"], OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "v2a_iql.py"), *tiny_data["base_args"], *TINY,
+                             "--variant", "target", "--total-steps", "10000000"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # Ctrl-C as in a terminal, also where
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # the tests run as a job
+    lines = []
+    try:
+        while not any(line.startswith("[stage 5") for line in lines) and (line := proc.stdout.readline()):
+            lines.append(line)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines)
+    folder = re.search(r"^run folder: (\S+); if it stops, continue it with: python ", out, re.M)
+    assert folder and os.path.isdir(tmp_path / folder[1]) and "\nestimate (rough): about " in out, out + err
+    assert proc.returncode != 0 and err.strip().splitlines() == [err.strip()], err
+    assert err.startswith(f"v2a_iql.py: error: {sig.name}: stopped; continue the run with python ")
+    assert f"v2a_iql.py --resume {folder[1]} (stage 5 restarts from its last evaluation" in err
+
+
 def test_data_gen_error_is_the_trainers_error(tmp_path):
     """Without the behaviour policies (a copy of the scripts, no policies/), data_gen.py's one-line error, which says
     how to train them, is the training script's one line. Every module is copied: the script's folder comes first on
@@ -340,6 +454,19 @@ def test_help_describes_the_run(script):
     for needle in [*data_gen.SUPPORTED_ENV_IDS, f"python {script}.py --env-id Hopper-v4", "about 4.5 hours", "2-core CPU",
                    "--repr-steps 5000 --sql-steps 30000 --total-steps 100000"]:
         assert needle in text, needle
+
+
+def test_a_flag_tyro_rejects_is_one_line(monkeypatch):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "v2a_iql.py"), "--variant", "bogus"], capture_output=True,
+                          text=True, timeout=SUBPROCESS_TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith("v2a_iql.py: error: invalid choice 'bogus' for argument '--variant'. Expected one of "
+                                  "('v2a', 'dvdf', 'igdf', 'merged', 'target', 'bc'); python v2a_iql.py --help lists")
+    monkeypatch.setattr(sys, "argv", ["v2a_td3bc.py"])
+    with pytest.raises(SystemExit) as e:
+        v2a_td3bc.utils.cli(v2a_td3bc.Args, v2a_td3bc.DESCRIPTION, ["--seeed", "2"])
+    assert str(e.value) == ("v2a_td3bc.py: error: Unrecognized options: --seeed, 2 (perhaps --seed); python v2a_td3bc.py "
+                            "--help lists the flags")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine")
