@@ -9,7 +9,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data_gen import Actor, Args, DataGenError, evaluate_policy, make_domain_env, one_line, policy_act, policy_path
+from data_gen import SAC_WARMUP_STEPS, Args, DataGenError, evaluate_policy, make_domain_env, one_line, policy_act, policy_path
+
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian SAC actor. Only this module is saved: a few hundred KB per policy. It lives here, with the
+    trainer, so that data_gen.py imports torch only where policies run (data_gen.Actor still finds it)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.mean = nn.Linear(hidden, act_dim)
+        self.log_std = nn.Linear(hidden, act_dim)
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False):
+        h = self.net(obs)
+        mean = self.mean(h)
+        if deterministic:
+            return torch.tanh(mean), None
+        log_std = torch.tanh(self.log_std(h))
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)  # CleanRL's soft clamp
+        std = log_std.exp()
+        pre_tanh = mean + std * torch.randn_like(mean)
+        action = torch.tanh(pre_tanh)
+        log_prob = (-0.5 * ((pre_tanh - mean) / std) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+        log_prob = log_prob - torch.log(1 - action.pow(2) + 1e-6).sum(-1)
+        return action, log_prob
 
 
 class TwinQ(nn.Module):
@@ -53,7 +80,7 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
     # A larger --policy-steps extends a run (the same run as one trained that long from the start, apart from the
     # fresh episode a resume begins with): the key leaves the step budget out, and the warm-up keeps its first length.
     run_key = {"env_id": args.env_id, "domain": domain, "seed": args.seed, "policy_eval_freq": args.policy_eval_freq}
-    learning_starts = min(5000, n // 10)
+    learning_starts = min(SAC_WARMUP_STEPS, n // 10)
     if os.path.exists(state_path):
         try:
             state = torch.load(state_path, weights_only=False)
@@ -64,7 +91,7 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
         if state["run_key"] != run_key:
             raise DataGenError(f"{state_path} belongs to another training run ({state['run_key']}); delete it to "
                                f"start afresh")
-        learning_starts = state.get("learning_starts", min(5000, (trained or n) // 10))
+        learning_starts = state.get("learning_starts", min(SAC_WARMUP_STEPS, (trained or n) // 10))
         if state["step"] > n:
             raise DataGenError(f"--policy-steps {n}: {state_path} has already trained {state['step']} steps; give at "
                                f"least that many (a larger budget extends the run)")
@@ -80,7 +107,19 @@ def train_behaviour_policies(args: Args, robot: str, domain: str):
         torch.set_rng_state(state["torch_rng"])
         print(f"[{domain}] resuming SAC from step {first_step} ({state_path})", flush=True)
     obs, _ = env.reset(seed=args.seed + first_step)  # a resumed run starts a fresh episode
+    # a sign of life after a few seconds, then every minute: the first evaluation comes only after policy_eval_freq steps
+    next_report, learn_start = time.time() + 5, None
     for step in range(first_step, n):
+        if step >= learning_starts and learn_start is None:
+            learn_start = (step, time.time())  # the rate that predicts the rest: updates, not the fast warm-up
+        if time.time() >= next_report:
+            if learn_start is None or step == learn_start[0]:
+                print(f"[{domain}] step {step:,}/{n:,}: random warm-up ({learning_starts:,} steps)", flush=True)
+            else:
+                sps = (step - learn_start[0]) / (time.time() - learn_start[1])
+                print(f"[{domain}] step {step:,}/{n:,}  {sps:5.0f} steps/s  ETA {(n - step) / sps / 60:5.1f} min",
+                      flush=True)
+            next_report = time.time() + 60
         act = policy_act(None if step < learning_starts else actor, obs, env, rng, deterministic=False)
         next_obs, r, term, trunc, _ = env.step(act)
         for k, v in zip(buf, (obs, act, next_obs, r, term)):

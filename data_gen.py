@@ -7,6 +7,7 @@ behaviour policy) and a small target dataset in the nominal environment.
     python data_gen.py --env-id Hopper-v4 --train-domain nominal   # train the behaviour policies of one domain
 """
 import contextlib
+import ctypes
 import fcntl
 import json
 import math
@@ -18,16 +19,21 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import gymnasium as gym
-import minari
-import mujoco
-import numpy as np
-import torch
-import torch.nn as nn
-import tyro
-from minari.data_collector.episode_buffer import EpisodeBuffer
+# Who started this process, read before the imports below take their second or two: tie_to_parent() needs the parent as
+# it was then (one killed meanwhile is gone from /proc, and this process has a new parent).
+PARENT_AT_START = (_ppid := os.getppid(), os.path.realpath(f"/proc/{_ppid}/exe"))
+
+# Only what the shifted environments need is imported here: `recover_environment()` of a stored dataset imports this
+# module (the entry point data_gen:make_shifted_env), and must work with gymnasium and mujoco alone. torch, tyro and
+# minari are imported where data are collected or policies run (docs/data_gen.md, "Using the datasets outside").
+import gymnasium as gym  # noqa: E402
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from behaviour_policies import Actor
 
 
 @dataclass
@@ -43,21 +49,26 @@ class Args:
     env_id: str = "Hopper-v4"
     """the nominal (target) environment: Hopper, Walker2d, HalfCheetah or Ant, version v4 or v5"""
     source: Optional[str] = None
-    """comma-separated `domain:quality[:weight]`, quality random|medium|expert, weight finite > 0; None: the robot's default"""
+    """comma-separated `domain:quality[:weight]`, quality random|medium|expert, weight finite > 0; or a named mixture
+    (`crossed`: Hopper's two domains x two qualities, NAMED_SOURCES); None: the robot's default"""
     source_size: int = 1_000_000
     """total transitions of the source mixture, split across entries by weight"""
     target_size: int = 100_000
     """transitions of the medium-quality target dataset (the paper's 10% regime; 5000 is the low-data regime)"""
     seed: int = 0
-    """seed of the data collection (environments, action sampling)"""
+    """seed of the data collection (environments, action sampling), in [0, 2^31) as for the training scripts"""
     overwrite: bool = False
     """replace datasets that already exist under the same ids"""
-    policy_dir: str = "policies"
-    """where behaviour-policy actors are read from and written to"""
+    policy_dir: Optional[str] = None
+    """where behaviour-policy actors are read from and written to; None: the committed `policies` folder beside
+    data_gen.py, from any working directory (a path given here is relative to the working directory)"""
     ref_min_episodes: int = 100
     """episodes of the uniform random policy that measure `ref_min_score` in the target env"""
     ref_max_episodes: int = 20
     """episodes of the expert that measure `ref_max_score` in the target env"""
+    measure_episodes: int = 0
+    """> 0: write no data; measure each mixture entry's behaviour policy in its domain on this many episodes
+    (deterministic and sampled actions) and print the returns with their normalized scores"""
     # behaviour-policy training (only with --train-domain)
     train_domain: Optional[str] = None
     """train the medium and expert behaviour policies of this domain (e.g. `nominal`, `torso-hard`), not data"""
@@ -98,6 +109,13 @@ DEFAULT_SOURCES = {
     "HalfCheetah": "torso-hard:random,gravity-2.0:expert,thighjnt-hard:medium",
     "Ant": "gravity-0.1:random,alllegs-hard:expert,hipjnt-medium:medium",
 }
+# Named mixtures (`--source crossed`; docs/data_gen.md, "Named mixtures"), resolved to their entries before anything
+# else, so a name and its entries name the same datasets. `crossed` crosses domain and behaviour quality, which the
+# defaults confound (one quality per domain): each of two domains with the same two qualities, whose returns differ
+# between the domains (value misassignment). Only committed policies, so it needs no training.
+NAMED_SOURCES = {
+    "Hopper": {"crossed": "gravity-0.5:medium,gravity-0.5:expert,legjnt-hard:medium,legjnt-hard:expert"},
+}
 QUALITIES = ("random", "medium", "expert")
 
 
@@ -115,6 +133,19 @@ def robot_of(env_id: str) -> str:
 def default_source(env_id: str) -> str:
     """The default `--source` mixture of the robot of `env_id`."""
     return DEFAULT_SOURCES[robot_of(env_id)]
+
+
+def resolve_source(env_id: str, source: Optional[str]) -> Optional[str]:
+    """What `--source` stands for: the robot's default for None, a named mixture's entries for its name, anything else
+    unchanged (parse_source then checks it, with one-line errors). Never raises: the training scripts call it too."""
+    robot = env_id.rpartition("-")[0]
+    if source is None:
+        return DEFAULT_SOURCES.get(robot)
+    return NAMED_SOURCES.get(robot, {}).get(source.strip(), source)
+
+
+def named_sources_hint() -> str:
+    return ", ".join(f"{name} ({robot})" for robot, names in NAMED_SOURCES.items() for name in names)
 
 
 def domain_names(robot: str) -> list[str]:
@@ -228,58 +259,47 @@ def make_domain_env(env_id: str, domain: str) -> gym.Env:
 # --------------------------------------------------------------------------------------------------------------
 # Behaviour policies: the SAC actor (trained by behaviour_policies.py) and the random policy
 # --------------------------------------------------------------------------------------------------------------
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+def __getattr__(name: str):
+    # `data_gen.Actor` (PEP 562): the actor class lives with its trainer in behaviour_policies.py, which imports torch;
+    # looking it up here imports it only when someone asks, so loading a shifted env never needs torch
+    if name == "Actor":
+        from behaviour_policies import Actor
+        return Actor
+    raise AttributeError(f"module 'data_gen' has no attribute {name!r}")
 
 
-class Actor(nn.Module):
-    """Tanh-Gaussian SAC actor. Only this module is saved: a few hundred KB per policy."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.mean = nn.Linear(hidden, act_dim)
-        self.log_std = nn.Linear(hidden, act_dim)
-
-    def forward(self, obs: torch.Tensor, deterministic: bool = False):
-        h = self.net(obs)
-        mean = self.mean(h)
-        if deterministic:
-            return torch.tanh(mean), None
-        log_std = torch.tanh(self.log_std(h))
-        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)  # CleanRL's soft clamp
-        std = log_std.exp()
-        pre_tanh = mean + std * torch.randn_like(mean)
-        action = torch.tanh(pre_tanh)
-        log_prob = (-0.5 * ((pre_tanh - mean) / std) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
-        log_prob = log_prob - torch.log(1 - action.pow(2) + 1e-6).sum(-1)
-        return action, log_prob
-
-
-def policy_act(actor: Optional[Actor], obs: np.ndarray, env: gym.Env, rng: np.random.Generator,
+def policy_act(actor: Optional["Actor"], obs: np.ndarray, env: gym.Env, rng: np.random.Generator,
                deterministic: bool) -> np.ndarray:
     """Action of a behaviour policy; `actor=None` is the uniform random policy."""
     if actor is None:
         return rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
+    import torch  # an actor exists, so torch is already imported: this is a dictionary look-up
     with torch.no_grad():
         action, _ = actor(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic=deterministic)
     return action[0].numpy()
 
 
-def evaluate_policy(env: gym.Env, actor: Optional[Actor], episodes: int, seed: int) -> np.ndarray:
-    """Undiscounted returns of deterministic (mean-action) episodes."""
+def evaluate_policy(env: gym.Env, actor: Optional["Actor"], episodes: int, seed: int,
+                    deterministic: bool = True) -> np.ndarray:
+    """Undiscounted returns of deterministic (mean-action) episodes, or of sampled actions as the data are collected
+    (their noise then comes from torch's global RNG: seed it first)."""
     rng, returns = np.random.default_rng(seed), []
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
         done, ret = False, 0.0
         while not done:
-            obs, r, term, trunc, _ = env.step(policy_act(actor, obs, env, rng, deterministic=True))
+            obs, r, term, trunc, _ = env.step(policy_act(actor, obs, env, rng, deterministic=deterministic))
             ret, done = ret + float(r), term or trunc
         returns.append(ret)
     return np.array(returns)
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+POLICY_DIR = os.path.join(HERE, "policies")  # the committed policies, found from any working directory
+
+
 def policy_path(args: Args, robot: str, domain: str) -> str:
-    return os.path.join(args.policy_dir, robot.lower(), f"{domain}.pt")
+    return os.path.join(POLICY_DIR if args.policy_dir is None else args.policy_dir, robot.lower(), f"{domain}.pt")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -292,7 +312,8 @@ def parse_source(spec: str) -> list[tuple[str, str, float]]:
         parts = item.split(":")
         if len(parts) not in (2, 3) or parts[1] not in QUALITIES:
             raise DataGenError(f"malformed source entry {item!r}: expected domain:quality[:weight] with quality "
-                               f"in {'|'.join(QUALITIES)}, e.g. 'gravity-0.5:random,torso-hard:medium'")
+                               f"in {'|'.join(QUALITIES)}, e.g. 'gravity-0.5:random,torso-hard:medium', or a named "
+                               f"mixture: {named_sources_hint()}")
         try:
             weight = float(parts[2]) if len(parts) == 3 else 1.0
         except ValueError:
@@ -364,8 +385,8 @@ def check_size(robot: str, what: str, n: int):
 
 def validate_args(args: Args, robot: str):
     """All argument checks, before any work (no file is read or written here)."""
-    if not 0 <= args.seed < 2 ** 32:
-        raise DataGenError(f"--seed {args.seed}: must be between 0 and 2**32 - 1")
+    if not 0 <= args.seed < 2 ** 31:
+        raise DataGenError(f"--seed {args.seed}: must lie in [0, 2^31), as for the training scripts")
     if args.threads < 1:
         raise DataGenError(f"--threads {args.threads}: must be at least 1")
     if args.policy_steps < 1:
@@ -376,6 +397,8 @@ def validate_args(args: Args, robot: str):
     for flag, value in (("--ref-min-episodes", args.ref_min_episodes), ("--ref-max-episodes", args.ref_max_episodes)):
         if value < 1:
             raise DataGenError(f"{flag} {value}: must be at least 1")
+    if args.measure_episodes < 0:
+        raise DataGenError(f"--measure-episodes {args.measure_episodes}: must be at least 0 (0: generate data)")
     if args.train_domain is not None:
         check_domain(robot, args.train_domain)
     entries = parse_source(args.source)
@@ -388,6 +411,9 @@ def validate_args(args: Args, robot: str):
     if args.target_size < 1:
         raise DataGenError(f"--target-size {args.target_size}: the target dataset would get no transition; "
                            f"the minimum is 1")
+    if args.source_size < 1:
+        raise DataGenError(f"--source-size {args.source_size}: must be a positive number of transitions; the minimum "
+                           f"--source-size for this mixture is {min_source_size(entries)}")
     for entry, n in zip(entries, entry_sizes(entries, args.source_size)):
         if n < 1:
             raise DataGenError(
@@ -401,15 +427,17 @@ def validate_args(args: Args, robot: str):
 # --------------------------------------------------------------------------------------------------------------
 # Collection and storage
 # --------------------------------------------------------------------------------------------------------------
+SAC_WARMUP_STEPS = 5000  # uniform-random steps before SAC's first update (a tenth of the run when that is less)
 POLICY_TRAINING_TIME = "SAC 300k steps, about 45-60 min on one core of this 2-core CPU"
 
 
 def train_command(args: Args, domain: str) -> str:
-    cmd = f"python data_gen.py --env-id {args.env_id} --train-domain {domain}"
-    return cmd if args.policy_dir == "policies" else f"{cmd} --policy-dir {args.policy_dir}"
+    script = "data_gen.py" if os.path.abspath(os.getcwd()) == HERE else os.path.join(HERE, "data_gen.py")
+    cmd = f"python {script} --env-id {args.env_id} --train-domain {domain}"
+    return cmd if args.policy_dir is None else f"{cmd} --policy-dir {args.policy_dir}"
 
 
-def load_actor(args: Args, robot: str, domain: str, quality: str) -> tuple[Optional[Actor], dict]:
+def load_actor(args: Args, robot: str, domain: str, quality: str) -> tuple[Optional["Actor"], dict]:
     """The committed behaviour policy `quality` of `domain` (None for the uniform random policy)."""
     if quality == "random":
         return None, {}
@@ -417,6 +445,9 @@ def load_actor(args: Args, robot: str, domain: str, quality: str) -> tuple[Optio
     if not os.path.exists(path):
         raise DataGenError(f"no behaviour policy {path}; train it with: {train_command(args, domain)}  "
                            f"({POLICY_TRAINING_TIME})")
+    import torch
+
+    from behaviour_policies import Actor
     try:
         record = torch.load(path, weights_only=False)
         actor = Actor(record["obs_dim"], record["act_dim"])
@@ -431,11 +462,14 @@ def one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
-def collect(env: gym.Env, actor: Optional[Actor], n_transitions: int, seed: int, options: dict):
+def collect(env: gym.Env, actor: Optional["Actor"], n_transitions: int, seed: int, options: dict):
     """Whole episodes until `n_transitions`; the last episode is cut there (flagged as truncated), so no
     transition spans two episodes. Actions are sampled from the stochastic policy, as D4RL's were. The torch RNG
     (the policy's action noise) is seeded here too, so a dataset's data depend only on `seed` and its policy, not
     on what ran before (which other datasets existed, how many actors were loaded)."""
+    import torch
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+
     torch.manual_seed(seed)
     rng, buffers, count, ep, start, next_report = np.random.default_rng(seed), [], 0, 0, time.time(), 0.25
     while count < n_transitions:
@@ -555,6 +589,8 @@ def remove_stale_staging(root: str):
 def write_dataset(dataset_id: str, staging: str, generation: dict, **create_kwargs):
     """Create the dataset in the staging root, then move it under its final id in one rename, so an interrupted
     run never leaves a half-written dataset under a final id."""
+    import minari
+
     os.environ["MINARI_DATASETS_PATH"], previous = staging, os.environ.get("MINARI_DATASETS_PATH")
     try:
         ds = minari.create_dataset_from_buffers(dataset_id=dataset_id, **create_kwargs)
@@ -585,6 +621,8 @@ def plan(args: Args, robot: str, jobs: list, generation) -> list:
     """The jobs still to collect. Checks, reading only: an existing dataset must load and have been made with the
     same arguments (unless --overwrite); every behaviour policy a job needs must exist (all missing ones are
     listed in one line) and load."""
+    import minari
+
     todo, needed = [], []
     for job in jobs:
         dataset_id, domain, quality, n = job
@@ -622,6 +660,8 @@ def plan(args: Args, robot: str, jobs: list, generation) -> list:
 
 
 def generate(args: Args, robot: str):
+    import minari
+
     entries = parse_source(args.source)
     source_ids, target_id = dataset_ids(args.env_id, args.source, args.source_size, args.target_size)
     common = dict(algorithm_name="SAC behaviour policies (data_gen.py)", author="v2a",
@@ -688,16 +728,84 @@ def generate(args: Args, robot: str):
           f"ref_max_score {target.storage.metadata['ref_max_score']:.1f}")
 
 
+def reference_scores(args: Args, robot: str) -> tuple[float, float]:
+    """The target's `ref_min_score` and `ref_max_score`, measured as the target dataset stores them (same seeds)."""
+    eval_env = make_domain_env(args.env_id, "nominal")
+    expert, _ = load_actor(args, robot, "nominal", "expert")
+    ref_min = evaluate_policy(eval_env, None, args.ref_min_episodes, seed=args.seed + 123).mean()
+    ref_max = evaluate_policy(eval_env, expert, args.ref_max_episodes, seed=args.seed + 456).mean()
+    return float(ref_min), float(ref_max)
+
+
+def measure(args: Args, robot: str) -> list[dict]:
+    """`--measure-episodes N`: the return of each mixture entry's behaviour policy in its own domain, on N episodes
+    (reset seeds 20000 + seed onwards), with deterministic actions and with sampled ones (as the data are collected),
+    and its normalized score 100 (R - ref_min) / (ref_max - ref_min) against the target's reference scores."""
+    import torch
+
+    n, seed = args.measure_episodes, 20_000 + args.seed
+    for domain, quality, _ in parse_source(args.source):
+        load_actor(args, robot, domain, quality)  # every policy file first: a missing one stops before any episode
+    t0 = time.time()
+    ref_min, ref_max = reference_scores(args, robot)
+    norm = lambda r: 100 * (r - ref_min) / (ref_max - ref_min)
+    print(f"{args.env_id} target reference scores: ref_min_score {ref_min:.1f} (uniform random policy, "
+          f"{args.ref_min_episodes} episodes), ref_max_score {ref_max:.1f} (nominal expert, {args.ref_max_episodes} "
+          f"deterministic episodes)")
+    print(f"returns of each entry's behaviour policy in its own domain, {n} episodes (reset seeds {seed}-{seed + n - 1}),"
+          f" mean +- sd (normalized score)")
+    print(f"  {'domain:quality':24s} {'deterministic actions':>30s} {'sampled actions (as collected)':>32s}")
+    rows = []
+    for domain, quality, _ in dict.fromkeys(parse_source(args.source)):
+        env = make_domain_env(args.env_id, domain)
+        actor, _ = load_actor(args, robot, domain, quality)
+        det = evaluate_policy(env, actor, n, seed=seed)
+        torch.manual_seed(seed)
+        sampled = evaluate_policy(env, actor, n, seed=seed, deterministic=False)
+        rows.append(dict(domain=domain, quality=quality, deterministic=det, sampled=sampled))
+        cell = lambda r: f"{r.mean():8.1f} +- {r.std():6.1f} ({norm(r.mean()):5.1f})"
+        print(f"  {domain + ':' + quality:24s} {cell(det):>30s} {cell(sampled):>32s}", flush=True)
+    print(f"measured in {time.time() - t0:.0f} s")
+    return rows
+
+
 def _terminate(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through the `finally` blocks: the staging folder is removed
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def tie_to_parent(parent_pid: int, parent_exe: str) -> bool:
+    """Started by a program running this same Python (a training script's run_data_gen, benchmark.py, a test), stop
+    when it dies, even by SIGKILL: Linux sends this process SIGTERM then (prctl PR_SET_PDEATHSIG), whose handler
+    removes the staging folder. A parent that is something else, a shell say, is not followed, so that `nohup python
+    data_gen.py &` outlives its shell. Not on other systems (docs/data_gen.md). Returns whether it is tied."""
+    if not sys.platform.startswith("linux") or parent_exe != os.path.realpath(sys.executable):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent_pid:  # the parent died before prctl (its signal came too early): stop now
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 def main(args: Args):
     robot = robot_of(args.env_id)
-    if args.source is None:
-        args.source = default_source(args.env_id)
+    args.source = resolve_source(args.env_id, args.source)
     signal.signal(signal.SIGTERM, _terminate)  # first: the checks below already create (and remove) a staging folder
     validate_args(args, robot)
+    if args.train_domain is not None:  # at once: the imports below and SAC's first evaluation take a while
+        print(f"training the behaviour policies of {args.env_id} {args.train_domain}: SAC for {args.policy_steps:,} "
+              f"steps, evaluated every {args.policy_eval_freq:,} steps, into {policy_path(args, robot, args.train_domain)}"
+              f" (300k steps: about 45-60 min on one core of the 2-core CPU); progress every minute", flush=True)
+        if args.policy_steps < SAC_WARMUP_STEPS:
+            print(f"warning: --policy-steps {args.policy_steps:,} is below SAC's {SAC_WARMUP_STEPS:,} random warm-up "
+                  f"steps: the warm-up is cut to a tenth of the run, and so short a run trains policies little better "
+                  f"than random (the committed ones: 300,000 steps)", file=sys.stderr, flush=True)
+    import torch
+
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     random.seed(args.seed)
@@ -707,10 +815,16 @@ def main(args: Args):
         from behaviour_policies import train_behaviour_policies  # SAC: only --train-domain needs it
         train_behaviour_policies(args, robot, args.train_domain)
         return
+    if args.measure_episodes > 0:
+        measure(args, robot)
+        return
     generate(args, robot)
 
 
 if __name__ == "__main__":
+    tie_to_parent(*PARENT_AT_START)  # before any work: a trainer killed by SIGKILL must not leave this process running
+    import tyro
+
     # run as the module `data_gen`, the one that behaviour_policies.py and the shifted envs' entry point import: one
     # copy of its classes, so that `except DataGenError` catches what either raises
     import data_gen

@@ -116,15 +116,67 @@ def test_default_source_per_robot(env_id):
     assert dg.Args().source is None  # resolved per robot in main()
 
 
+def test_named_source_resolves():
+    crossed = dg.NAMED_SOURCES["Hopper"]["crossed"]
+    for env_id in ("Hopper-v4", "Hopper-v5"):
+        assert dg.resolve_source(env_id, "crossed") == crossed
+        assert dg.resolve_source(env_id, None) == dg.DEFAULT_SOURCES["Hopper"]
+    assert dg.resolve_source("Hopper-v4", "gravity-0.5:expert") == "gravity-0.5:expert"  # entries stay entries
+    assert dg.resolve_source("Walker2d-v4", "crossed") == "crossed"  # not Walker2d's: parse_source says so, one line
+    with pytest.raises(dg.DataGenError, match="^malformed source entry 'crossed'.*named mixture: crossed \\(Hopper\\)$"):
+        dg.parse_source(dg.resolve_source("Walker2d-v4", "crossed"))
+    # a name and its entries name the same datasets
+    assert (dg.dataset_ids("Hopper-v4", dg.resolve_source("Hopper-v4", "crossed"), 1_000_000, 5000)[0]
+            == ["v2a/hopper-v4/source/gravity0p5-medium-250k-v0", "v2a/hopper-v4/source/gravity0p5-expert-250k-v0",
+                "v2a/hopper-v4/source/legjnthard-medium-250k-v0", "v2a/hopper-v4/source/legjnthard-expert-250k-v0"])
+
+
+@pytest.mark.parametrize("robot,name", [(r, n) for r, names in dg.NAMED_SOURCES.items() for n in names])
+def test_crossed_structure(robot, name):
+    """Domain and behaviour quality crossed, not confounded: two or more domains with two or more qualities each, a
+    quality in two or more domains; every policy it needs is committed."""
+    entries = dg.parse_source(dg.NAMED_SOURCES[robot][name])
+    qualities = {d: {q for dd, q, _ in entries if dd == d} for d, _, _ in entries}
+    assert sum(len(q) >= 2 for q in qualities.values()) >= 2
+    assert any(sum(q in qs for qs in qualities.values()) >= 2 for q in dg.QUALITIES)
+    for domain, quality, _ in entries:
+        dg.check_domain(robot, domain)
+        assert quality == "random" or os.path.exists(os.path.join(ROOT, "policies", robot.lower(), f"{domain}.pt"))
+    validate(env_id=f"{robot}-v4", source=name, source_size=1_000_000, target_size=5000)
+
+
+@pytest.mark.parametrize("script", ["v2a_iql", "v2a_td3bc"])
+def test_trainers_accept_named_source(script):
+    import importlib
+
+    from conftest import validate_args
+    m = importlib.import_module(script)
+    args = m.Args(env_id="Hopper-v4", source="crossed")
+    validate_args(m, args)
+    assert args.source == dg.NAMED_SOURCES["Hopper"]["crossed"]  # what run_data_gen passes on and the ids derive from
+
+
+def test_crossed_quality_values_differ():
+    """The structure `crossed` is there for, measured with the committed policies: the same quality is worth different
+    returns in the two domains (docs/data_gen.md, "Named mixtures", has the 20-episode table)."""
+    args = dg.Args(source=dg.NAMED_SOURCES["Hopper"]["crossed"], measure_episodes=2, ref_min_episodes=2,
+                   ref_max_episodes=1)
+    rows = {(r["domain"], r["quality"]): r["deterministic"].mean() for r in dg.measure(args, "Hopper")}
+    for quality in ("medium", "expert"):
+        assert rows[("legjnt-hard", quality)] > 1.5 * rows[("gravity-0.5", quality)]
+    # by return, gravity-0.5's expert data sit between legjnt-hard's medium and expert data, nearer the medium
+    assert rows[("legjnt-hard", "medium")] < rows[("gravity-0.5", "expert")] < rows[("legjnt-hard", "expert")] / 1.5
+
+
 def validate(**kwargs):
     args = dg.Args(**kwargs)
-    args.source = args.source or dg.default_source(args.env_id)
+    args.source = dg.resolve_source(args.env_id, args.source)  # as main() does
     dg.validate_args(args, dg.robot_of(args.env_id))
 
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(seed=-1), "--seed -1"),
-    (dict(seed=2 ** 32), "--seed"),
+    (dict(seed=2 ** 31), "--seed 2147483648: must lie in [0, 2^31), as for the training scripts"),
     (dict(policy_steps=0), "--policy-steps 0"),
     (dict(policy_eval_freq=0), "--policy-eval-freq 0"),
     (dict(policy_steps=1000, policy_eval_freq=2000), "between 1 and --policy-steps (1000)"),
@@ -132,7 +184,11 @@ def validate(**kwargs):
     (dict(ref_max_episodes=-3), "--ref-max-episodes -3"),
     (dict(threads=0), "--threads 0"),
     (dict(target_size=0), "--target-size 0"),
-    (dict(source_size=-5), "the minimum --source-size for this mixture is 3"),
+    (dict(source_size=-5), "--source-size -5: must be a positive number of transitions; the minimum --source-size "
+                           "for this mixture is 3"),
+    (dict(source_size=0), "--source-size 0: must be a positive number of transitions"),
+    (dict(measure_episodes=-1), "--measure-episodes -1"),
+    (dict(source="crossed", env_id="Walker2d-v4"), "or a named mixture: crossed (Hopper)"),
     (dict(source="a-hard:random"), "unknown shift"),
     (dict(source="nominal:random"), "shifted domains only"),
     (dict(source="torso-hard:random:1,gravity-0.5:expert:1e-3", source_size=1000),
@@ -150,7 +206,7 @@ def test_validate_args(kwargs, message):
 
 
 def test_validate_args_accepts_edges():
-    validate(source_size=3, target_size=1, policy_steps=1, policy_eval_freq=1, seed=2 ** 32 - 1)
+    validate(source_size=3, target_size=1, policy_steps=1, policy_eval_freq=1, seed=2 ** 31 - 1)
     validate(source_size=30_000_000, target_size=10_000_000)  # exactly the cap per dataset
     assert dg.min_source_size([("a", "random", 1.0), ("b", "random", 2.0)]) == 3
 
@@ -260,6 +316,8 @@ def assert_tiny_datasets(root):
     (["--env-id", "Humanoid-v4"], "supported: Hopper-v4"),
     (["--source", "gravity-0.5:expert:inf"], "malformed source entry 'gravity-0.5:expert:inf': the weight must be"),
     (["--seed", "-1"], "--seed -1"),
+    (["--seed", str(2 ** 31)], "--seed 2147483648: must lie in [0, 2^31)"),
+    (["--source-size", "-1"], "--source-size -1: must be a positive number of transitions"),
     (["--policy-steps", "-1"], "--policy-steps -1"),
     (["--source-size", "2"], "would get no transition"),
     (["--source-size", "100000000"], "above the cap of 10,000,000 per dataset"),
@@ -373,11 +431,25 @@ def test_sigterm_removes_staging_in_process(tmp_path):
     assert staging_folders(root) == [] and "Traceback" not in (tmp_path / "term.stderr").read_text()
 
 
+# A meta-path finder that makes the named top-level packages absent, as in a virtual environment without them
+BLOCK_IMPORTS = """
+import sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Absent())
+"""
+
+
 def test_recover_environment_from_another_directory(tiny_data, tmp_path):
     """The datasets stand alone: with the project installed (`pip install -r requirements.txt` installs it with
-    `-e .`), recover_environment() works from any directory."""
+    `-e .`), recover_environment() works from any directory, in an environment with minari, gymnasium and mujoco
+    only (torch and tyro are made absent here)."""
     source_ids, _ = dg.dataset_ids(TINY["env_id"], TINY["source"], TINY["source_size"], TINY["target_size"])
-    code = ("import minari; ds = minari.load_dataset(%r); env = ds.recover_environment(); "
+    code = (f"BLOCKED = {{'torch', 'tyro'}}\n{BLOCK_IMPORTS}\n"
+            "import minari; ds = minari.load_dataset(%r); env = ds.recover_environment(); env.reset(seed=0); "
+            "env.step(env.action_space.sample()); assert 'torch' not in sys.modules; "
             "print(env.unwrapped.model.opt.gravity[2]); print(ds.storage.metadata['description'])" % source_ids[1])
     env = {k: v for k, v in script_env(tiny_data["minari_path"]).items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -387,9 +459,103 @@ def test_recover_environment_from_another_directory(tiny_data, tmp_path):
     assert "pip install -r requirements.txt" in proc.stdout
 
 
+def test_shifted_envs_need_gymnasium_and_mujoco_only(tmp_path):
+    """The shifted domains through their registered entry point, with torch, tyro and minari absent."""
+    code = (f"BLOCKED = {{'torch', 'tyro', 'minari'}}\n{BLOCK_IMPORTS}\n"
+            "import gymnasium as gym, data_gen\n"
+            "for env_id in ('V2A/ShiftedHopper-v4', 'V2A/ShiftedAnt-v5'):\n"
+            "    env = gym.make(env_id, shift='gravity-0.5'); env.reset(seed=0); env.step(env.action_space.sample())\n"
+            "print(sorted(m for m in sys.modules if m.partition('.')[0] in BLOCKED))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=script_env(tmp_path), capture_output=True,
+                          text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_pyproject_declares_what_the_envs_need():
+    """`pip install -e <repository>` alone brings what recover_environment() needs, and not torch."""
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        deps = [d.split("=")[0].split(">")[0].split("[")[0].strip() for d in tomllib.load(f)["project"]["dependencies"]]
+    assert {"gymnasium", "mujoco", "numpy"} <= set(deps) and "torch" not in deps and "tyro" not in deps
+
+
+def test_committed_policies_found_from_another_directory(tmp_path):
+    """The default --policy-dir is the policies folder beside data_gen.py, whatever the working directory; a named
+    mixture is accepted on the command line and names the same datasets as its entries."""
+    (tmp_path / "elsewhere").mkdir()
+    args = ["--source", "crossed", "--source-size", "400", "--target-size", "100", "--ref-min-episodes", "1",
+            "--ref-max-episodes", "1"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data_gen.py"), *args], cwd=tmp_path / "elsewhere",
+                          env=script_env(tmp_path / "datasets"), capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    source_ids, target_id = dg.dataset_ids("Hopper-v4", dg.NAMED_SOURCES["Hopper"]["crossed"], 400, 100)
+    for dataset_id in source_ids + [target_id]:
+        assert (tmp_path / "datasets" / dataset_id / "data" / "main_data.hdf5").exists(), dataset_id
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_train_domain_reports_at_once(tmp_path):
+    """--train-domain says what it starts at once and reports progress with an ETA before the first evaluation."""
+    proc = start(tmp_path / "datasets", "--train-domain", "gravity-2.0", "--policy-steps", "300000",
+                 "--policy-eval-freq", "100000", "--policy-dir", str(tmp_path / "policies"), out=tmp_path / "train")
+    t0, stdout = time.time(), lambda: (tmp_path / "train.stdout").read_text()
+    try:
+        wait_for(lambda: "training the behaviour policies of Hopper-v4 gravity-2.0: SAC for 300,000 steps" in stdout(),
+                 timeout=60, what="the start line")
+        started = time.time() - t0
+        wait_for(lambda: "ETA" in stdout(), timeout=150, what="a progress line with an ETA")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert started < 30 and "[gravity-2.0] step " in stdout() and "warning" not in (tmp_path / "train.stderr").read_text()
+
+
+# A parent that runs data_gen.py as v2a_utils.run_data_gen does (own session, stderr piped), and says the child's pid
+PARENT = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, *sys.argv[1:]], stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         cwd=%r)
+print(child.pid, flush=True)
+child.communicate()
+"""
+
+
+def test_child_stops_when_its_parent_is_killed(tmp_path):
+    root = tmp_path / "datasets"
+    parent = subprocess.Popen([sys.executable, "-c", PARENT % ROOT, os.path.join(ROOT, "data_gen.py"), *TINY_ARGS[:4],
+                               "--source-size", "300000", "--target-size", "100000"], env=script_env(root),
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        wait_for(lambda: os.path.isdir(f"{root}-staging-{child}"), what="the child collecting")
+        parent.kill()  # SIGKILL: no handler of the parent's runs
+        parent.wait()
+        wait_for(lambda: not dg.pid_alive(child), timeout=15, what="the orphaned data_gen.py to stop")
+        assert staging_folders(root) == []  # it stopped through its SIGTERM handler, which removes the staging folder
+    finally:
+        if dg.pid_alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_tie_to_parent_closes_the_race(tmp_path):
+    """A parent that died before prctl took effect: the process stops at once. A parent that is not this Python (a
+    shell, whose `nohup python data_gen.py &` must outlive it) is not followed."""
+    code = ("import os, sys, data_gen\n"
+            "print(data_gen.tie_to_parent(os.getppid(), '/bin/sh'), flush=True)\n"
+            "data_gen.tie_to_parent(os.getppid() + 4_000_000, os.path.realpath(sys.executable))\n"
+            "print('still running')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=script_env(tmp_path), capture_output=True,
+                          text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.stdout.split() == ["False"] and proc.returncode == -signal.SIGTERM
+
+
 def test_sac_trainer_writes_medium_and_expert(tmp_path):
-    run_script("data_gen.py", "--train-domain", "gravity-2.0", "--policy-steps", "1200", "--policy-eval-freq", "300",
-               "--policy-dir", str(tmp_path))
+    proc = run_script("data_gen.py", "--train-domain", "gravity-2.0", "--policy-steps", "1200", "--policy-eval-freq",
+                      "300", "--policy-dir", str(tmp_path))
+    assert proc.stdout.startswith("training the behaviour policies of Hopper-v4 gravity-2.0: SAC for 1,200 steps")
+    assert "warning: --policy-steps 1,200 is below SAC's 5,000 random warm-up steps" in proc.stderr
     record = torch.load(tmp_path / "hopper" / "gravity-2.0.pt", weights_only=False)
     assert {"expert", "medium"} <= record.keys() and len(record["curve"]) == 4
     actor = dg.Actor(record["obs_dim"], record["act_dim"])
