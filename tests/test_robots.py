@@ -18,7 +18,7 @@ COMMITTED = {robot: sorted(os.path.basename(p)[: -len(".pt")]
              for robot in dg.ROBOTS}  # robot -> the domains whose behaviour policies are committed
 ROBOTS_WITH_POLICIES = [robot for robot, domains in COMMITTED.items() if "nominal" in domains]
 TINY_TRAIN = ["--repr-steps", "5", "--sql-steps", "5", "--info-steps", "5", "--total-steps", "20", "--eval-freq", "20",
-              "--eval-episodes", "1", "--log-freq", "10", "--no-compile"]
+              "--eval-episodes", "1", "--final-eval-episodes", "1", "--log-freq", "10", "--no-compile"]
 
 
 def nominal_random_reward_per_step(env_id: str, steps: int = 2000) -> float:

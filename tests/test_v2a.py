@@ -22,8 +22,8 @@ SCRIPTS = {"v2a_iql": v, "v2a_td3bc": v2a_td3bc}
 
 STAGE_BUDGETS = ["--repr-steps", "20", "--sql-steps", "20", "--info-steps", "20"]
 TINY_BUDGETS = STAGE_BUDGETS + ["--total-steps", "100", "--eval-freq", "50", "--eval-episodes", "1", "--log-freq", "50",
-                                "--no-compile"]
-STAGE_FILES = {"v2a": [1, 2, 3, 4, 5], "dvdf": [3, 4, 5], "igdf": [4, 5], "merged": [5], "target": [5]}
+                                "--final-eval-episodes", "3", "--no-compile"]
+STAGE_FILES = {"v2a": [1, 2, 3, 4, 5], "dvdf": [3, 4, 5], "igdf": [4, 5], "merged": [5], "target": [5], "bc": [5]}
 
 
 # ---- losses --------------------------------------------------------------------------------------------------------
@@ -480,9 +480,71 @@ def check_run(variant, proc, run_dir):
                                                                       for k in STAGE_FILES[variant]]
     results = json.load(open(os.path.join(run_dir, "results.json")))
     assert [e[0] for e in results["evals"]] == [50, 100] and math.isfinite(results["final_normalized_score"])
+    assert [len(r) for r in results["eval_returns"]] == [1, 1]  # per-episode returns of every periodic evaluation
+    final = results["final_eval"]  # the score: its own evaluation of the last policy, on seeds no periodic one uses
+    assert final["step"] == 100 and final["episodes"] == len(final["returns"]) == len(final["normalized_scores"]) == 3
+    assert results["final_normalized_score"] == pytest.approx(sum(final["normalized_scores"]) / 3)
+    assert final["seed"] == 1 + v2a_utils.FINAL_EVAL_SEED and 0 < results["target_data_normalized_score"] < 150
+    assert "final score (the 3-episode evaluation" in proc.stdout
     assert torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)["step"] == 100
     if variant in ("v2a", "dvdf"):
         assert "filter/adv" in open(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))[0], "rb").read().decode("latin1")
+
+
+# ---- stage 5's view of the data ---------------------------------------------------------------------------------
+def fake_data(ds=2, da=1):
+    """Two source episodes (lengths 3, 2) and two target episodes (2, 2), rows [s, a, r, s', d] with known numbers."""
+    torch.manual_seed(0)
+    data = torch.randn(9, 2 * ds + da + 2)
+    data[:, ds + da] = torch.tensor([1.0, 1, 1, 5, 5, 2, 2, 0, 0])  # returns: source 3, 10; target 4, 0
+    return dict(data=data, ds=ds, da=da, n_src=5, traj_len=torch.tensor([3, 2]), tgt_traj_len=torch.tensor([2, 2]))
+
+
+def test_stage5_data_normalises_with_target_rows_and_scales_rewards():
+    d = fake_data()
+    ds, da, x = d["ds"], d["da"], d["data"]
+    rows, stats = v2a_utils.stage5_data(d, True, "episode-range")
+    mean, std = x[5:, :ds].mean(0), x[5:, :ds].std(0) + 1e-3  # the TARGET rows' statistics, for every row
+    assert torch.allclose(rows[:, :ds], (x[:, :ds] - mean) / std)
+    assert torch.allclose(rows[:, ds + da + 1: 2 * ds + da + 1], (x[:, ds + da + 1: 2 * ds + da + 1] - mean) / std)
+    assert torch.allclose(rows[:, ds: ds + da], x[:, ds: ds + da]) and torch.equal(rows[:, -1], x[:, -1])
+    # returns of all four episodes, source and target: 3, 10, 4, 0 -> range 10
+    assert stats["reward_scale_factor"] == pytest.approx(100.0) and stats["episode_return_range"] == [0.0, 10.0]
+    assert torch.allclose(rows[:, ds + da], x[:, ds + da] * 100.0)
+    obs = x[:3, :ds]  # evaluation sees the transform the data got
+    assert torch.allclose(v2a_utils.normalized_observation(stats)(obs), rows[:3, :ds])
+    raw, none = v2a_utils.stage5_data(d, False, "none")  # the release's flags: the rows as they are
+    assert torch.equal(raw, x) and none == {} and torch.equal(v2a_utils.normalized_observation(none)(obs), obs)
+
+
+def test_bc_is_the_actors_regression_alone():
+    """--variant bc: IQL's actor loss with every advantage weight 1 is the plain squared error of tanh(mean)."""
+    mean, a = torch.randn(8, 3), torch.rand(8, 3) * 2 - 1
+    assert v.awr_actor_loss(mean, a, torch.zeros(8), 0.0).item() == pytest.approx(F.mse_loss(torch.tanh(mean), a).item())
+    assert v.awr_effective_fraction(torch.zeros(8), 3.0).item() == pytest.approx(1.0)
+    assert v.awr_effective_fraction(torch.tensor([10.0] + [-10.0] * 7), 3.0).item() == pytest.approx(1 / 8, rel=1e-3)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bc_trains_the_actor_only(script, tiny_data, tmp_path):
+    proc, run_dir = run_variant(script, tmp_path, tiny_data, "bc")
+    check_run("bc", proc, run_dir)
+    ck = torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)
+    assert "actor" in ck and "qf" not in ck and len(ck["opts"]) == 1
+    args = json.load(open(os.path.join(run_dir, "args.json")))
+    assert len(args["stage5_data"]["state_mean"]) == 11  # states normalised by default in both backbones
+
+
+def test_normalisation_flags_are_part_of_the_stage5_key(v2a_run, tiny_data):
+    """--resume refuses other normalisation flags than the run's (its stage 5 trained on other rows). --reuse-stages
+    does not: stages 1-4 see the raw rows whatever these flags say."""
+    script, cwd, _, run_dir = v2a_run
+    for flag, value in (("--no-normalize-states", []), ("--reward-scale", ["episode-range" if "td3bc" in script else "none"])):
+        proc = run(script, cwd, *tiny_data["base_args"], *TINY_BUDGETS, flag, *value, "--resume", run_dir, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert flag.replace("no-", "") in proc.stderr.splitlines()[-1]
+    key = torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)["key"]["stage5"]["flags"]
+    assert key["normalize_states"] is True and "reward_scale" in key or "td3bc" in script
 
 
 def test_resume_and_reuse_stages(v2a_run, tiny_data):
