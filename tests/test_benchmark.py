@@ -421,7 +421,8 @@ def test_report_one_page_per_sweep_and_an_index(tmp_path, capsys):
     assert {p: p.read_bytes() for p in [pages / "fx.md", *sorted((pages / "fx").iterdir())]} == snapshot
     assert (pages / "fy.md").exists() and sorted(os.listdir(pages / "fy")) == sorted(os.listdir(pages / "fx"))
     index = (tmp_path / "docs" / "results.md").read_text()
-    assert "**[fx](results/fx.md)**" in index and "**[fy](results/fy.md)**" in index
+    assert "- **[fx](results/fx.md)**\n  - Hopper-v4, release IQL: raw states and rewards; target 100,000\n" in index
+    assert "- **[fy](results/fy.md)**\n" in index
     (pages / "fx" / "old_figure.png").write_bytes(b"")  # a figure the report no longer makes: removed
     benchmark.report(report_cfg(tmp_path, "fx"))
     assert {p: p.read_bytes() for p in [pages / "fx.md", *sorted((pages / "fx").iterdir())]} == snapshot
