@@ -26,7 +26,7 @@ import v2a_td3bc
 
 SCRIPTS = {"v2a_iql": v2a_iql, "v2a_td3bc": v2a_td3bc}
 TINY = ["--repr-steps", "20", "--sql-steps", "20", "--info-steps", "20", "--total-steps", "100", "--eval-freq", "50",
-        "--eval-episodes", "1", "--log-freq", "50", "--no-compile"]
+        "--eval-episodes", "1", "--final-eval-episodes", "2", "--log-freq", "50", "--no-compile"]
 
 
 def train(script: str, argv: list, cwd) -> str:
@@ -176,15 +176,14 @@ def test_resume_alone_takes_the_runs_own_flags(iql_run, tmp_path):
     msg = refused("v2a_iql", ["--resume", run_dir, "--seed", "2"], tmp_path)
     assert "was made with other flags: --seed 1 (now 2); leave those flags out" in msg and "--source-size" not in msg
     assert snapshot(run_dir) == before
-    train("v2a_iql", ["--resume", run_dir, "--total-steps", "150", "--final-eval-episodes", "2"], tmp_path)
+    train("v2a_iql", ["--resume", run_dir, "--total-steps", "150"], tmp_path)
     assert torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)["step"] == 150
 
 
 def test_resume_alone_of_a_run_older_than_a_flag(tiny_data, tmp_path):
     """A run whose args.json predates a flag (--normalize-states and --reward-scale absent) continues with the value
     that the run's code had before the flag existed (NEW_FLAG_DEFAULTS), not with today's default."""
-    argv = tiny_data["base_args"] + TINY + ["--variant", "target", "--no-normalize-states", "--reward-scale", "none",
-                                            "--final-eval-episodes", "2"]
+    argv = tiny_data["base_args"] + TINY + ["--variant", "target", "--no-normalize-states", "--reward-scale", "none"]
     run_dir = train("v2a_iql", argv + ["--total-steps", "50"], tmp_path)
     path = os.path.join(run_dir, "args.json")
     old = {k: v for k, v in json.load(open(path)).items() if k not in ("normalize_states", "reward_scale")}
