@@ -74,15 +74,17 @@ class Run:
 
 @dataclass
 class Report:
-    """Export runs/<sweep> to results/<sweep> (if runs/<sweep> exists) and regenerate the results page from
-    results/<sweep> alone: tables, statistics (rliable), learning curves and diagnostic figures."""
+    """Export runs/<sweep> to results/<sweep> (if runs/<sweep> exists) and regenerate the sweep's own page
+    (docs/results/<sweep>.md, figures in docs/results/<sweep>/) from results/<sweep> alone, then the index
+    docs/results.md: tables judged by the verdict rule (docs/benchmark.md), rliable statistics, learning curves and
+    diagnostic figures."""
     sweep: str = "default"
     """the sweep's name (or runs/<sweep>, results/<sweep>)"""
     export: bool = True
     """refresh results/<sweep> from runs/<sweep> first (when runs/<sweep> exists)"""
     pages: str = "docs/results"
     """the folder of the results pages: this sweep's page is <pages>/<sweep>.md and its figures <pages>/<sweep>/*.png
-    (the report writes nothing else there, so a sweep never overwrites another sweep's page or figures)"""
+    (a report writes only its own sweep's page and folder there: it never overwrites another sweep's)"""
     index: str = "docs/results.md"
     """the index of the pages in --pages, regenerated from the pages that exist ('': none)"""
     reps: int = 20000
@@ -1155,7 +1157,7 @@ def report(cfg: "Report") -> dict:
             cells = stat_cells(st, m) if m in st["methods"] else "– | – | –"
             L.append(f"| {m} | {len(seeds)} | {unf} | {cells} | {seeds or '–'} |")
         if lines := claim_lines(st, present):
-            L += ["", f"Claims (the verdict rule; CIs of P at {level_text(st)}):", "", *lines]
+            L += ["", "Claims (the verdict rule" + (f"; CIs of P at {level_text(st)}" if st["k"] else "") + "):", "", *lines]
         if anc["bc"] is not None:
             learners = {m: point(s) for m, s in st["methods"].items() if variant_of(m) != "bc"}
             if learners and max(learners.values()) < anc["bc"]:
@@ -1231,7 +1233,8 @@ def tail_lines(k: int, truns: list[dict], tail: dict) -> list[str]:
                and len(r["evals"]) > 1]
         L.append(f"| {m} | {stat_cells(tail, m)} | {fmt(float(np.mean(sds))) if sds else '–'} |")
     if lines := claim_lines(tail, {r["method"] for r in truns}):
-        L += ["", f"Claims by the mean of the last {k} periodic evaluations (CIs of P at {level_text(tail)}):", "", *lines]
+        level = f" (CIs of P at {level_text(tail)})" if tail["k"] else ""
+        L += ["", f"Claims by the mean of the last {k} periodic evaluations{level}:", "", *lines]
     return L
 
 
