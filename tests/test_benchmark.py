@@ -434,7 +434,7 @@ def test_report_backbone_final_evaluation_and_anchors(tmp_path):
     final evaluation, with the target data's level and BC's as anchors; a page says at its top when no learner reaches
     BC's level; the Setup shows the flags, names no machine path, and labels process-hours and late code records."""
     res = tmp_path / "results" / "fx"
-    old = "python benchmark.py run --sweep fx --runs-root /root/x-runs --results-root /abs/main/results -- --total-steps 9"
+    old = "python benchmark.py run --sweep fx --runs-root /any/machine/runs --results-root /any/machine/res -- --total-steps 9"
     for seed in range(1, 6):
         fake_export(res, "v2a", seed, 20.0 + seed, launch=old, start=1.7e9)  # before the runner recorded code at start
     norm = dict(normalize_states=True, reward_scale="episode-range", awr_clip=100.0, actor_schedule="constant")
@@ -459,7 +459,7 @@ def test_report_backbone_final_evaluation_and_anchors(tmp_path):
     assert md.index("no learner reaches behaviour cloning's level** (BC 73.0; the best, `v2a`, 43.0)") < md.index("## ")
     assert claim(md, "v2a", "bc").startswith("- `v2a` > `bc`: **reversed**")
     assert '"normalize_states": true, "reward_scale": "episode-range", "awr_clip": 100.0, "actor_schedule": "constant"' in md
-    assert "/root" not in md and "/abs" not in md and "--runs-root" not in md
+    assert "/any/machine" not in md and "--runs-root" not in md
     assert "Process-hours (one thread each, 2-core h shared by up to" in md
     assert "`abc1234`: IQL v2a s1 †, IQL v2a s2 †" in md and "† Recorded when the attempt ended" in md
     assert "IQL v2a s11," in md and "IQL v2a s11 †" not in md
