@@ -66,6 +66,14 @@ def validate_args(args, variant_stages: dict, filtered: dict, backbone_errors: l
     if args.env_id not in SUPPORTED_ENV_IDS:
         fail(f"unknown --env-id {args.env_id!r}; supported: {', '.join(SUPPORTED_ENV_IDS)}")
     args.source = data_gen.resolve_source(args.env_id, args.source)  # the default, or a named mixture's entries
+    entries = parse_source(args.source)  # sizes <= 0 before the dataset ids are built, in data_gen.py's words
+    if args.target_size < 1:
+        fail(f"--target-size {args.target_size}: the target dataset would get no transition; the minimum is 1")
+    if args.source_size < 1:
+        total = sum(w for _, _, w in entries)
+        fail(f"--source-size {args.source_size}: must be a positive number of transitions"
+             + (f"; the minimum --source-size for this mixture is {data_gen.min_source_size(entries)}"
+                if math.isfinite(total) else ""))
     for ds_id, rec in expected_generation(args).items():
         if not 1 <= rec["transitions"] <= MAX_DATASET_TRANSITIONS:
             fail(f"{ds_id} ({rec['domain']}:{rec['quality']}) would get {rec['transitions']:,} transitions; a dataset "

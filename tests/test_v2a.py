@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+import tyro
 from conftest import ROOT, run_script, validate_args
 
 import data_gen
@@ -333,7 +334,7 @@ def test_mixture_grammar_errors_are_one_line(spec, monkeypatch):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_default_ids_and_sources(script):
+def test_default_ids_and_sources(script, capsys):
     m = SCRIPTS[script]
     assert data_gen.size_tag(30_000) == "30k" and data_gen.size_tag(30_500) == "30500"  # exact: no two sizes share an id
     src, tgt = data_gen.dataset_ids("Hopper-v4", data_gen.DEFAULT_SOURCES["Hopper"], 1_000_000, 100_000)
@@ -343,6 +344,11 @@ def test_default_ids_and_sources(script):
     args = m.Args(env_id="Ant-v5")
     validate_args(m, args)  # --source None: the robot's default
     assert args.source == data_gen.DEFAULT_SOURCES["Ant"]
+    with pytest.raises(SystemExit):
+        tyro.cli(m.Args, args=["--help"])
+    help_text = capsys.readouterr().out
+    for name in (n for names in data_gen.NAMED_SOURCES.values() for n in names):
+        assert f"`{name}`" in help_text  # --help names every named mixture
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -384,8 +390,14 @@ BAD_INPUT = [
     (dict(source="a:random:0"), "malformed source entry"), (dict(source=" , "), "empty source spec"),
     (dict(source_size=2), "(torso-hard:random) would get 0 transitions; a dataset holds 1 to 10,000,000"),
     (dict(source="a:random:1,b:expert:1e6"), "(a:random) would get 0 transitions"),
-    (dict(target_size=0), "(nominal:medium) would get 0 transitions"),
-    (dict(source_size=-5), "would get -1 transitions"), (dict(target_size=10**9), "would get 1,000,000,000 transitions"),
+    (dict(target_size=0), "--target-size 0: the target dataset would get no transition; the minimum is 1"),
+    (dict(target_size=-1), "--target-size -1: the target dataset would get no transition"),
+    (dict(source_size=-5), "--source-size -5: must be a positive number of transitions; the minimum --source-size for "
+                           "this mixture is 3"), (dict(source_size=0), "--source-size 0: must be a positive number"),
+    (dict(source="crossed", source_size=-1), "--source-size -1: must be a positive number of transitions; the minimum "
+                                             "--source-size for this mixture is 4"),
+    (dict(source="a:random:1e308,b:expert:1e308", source_size=0), "--source-size 0: must be a positive number"),
+    (dict(target_size=10**9), "would get 1,000,000,000 transitions"),
     (dict(z_dim=0), "--z-dim must be > 0"), (dict(batch_size=0), "--batch-size and --z-dim must be > 0"),
     (dict(eval_episodes=-1), "must be > 0"), (dict(learning_rate=0.0), "--learning-rate must be finite and > 0"),
     (dict(learning_rate=math.inf), "--learning-rate"), (dict(sql_alpha=-0.2), "--sql-alpha"),
