@@ -23,7 +23,17 @@ from typing import TYPE_CHECKING, Optional
 
 # Who started this process, read before the imports below take their second or two: tie_to_parent() needs the parent as
 # it was then (one killed meanwhile is gone from /proc, and this process has a new parent).
-PARENT_AT_START = (_ppid := os.getppid(), os.path.realpath(f"/proc/{_ppid}/exe"))
+def _parent_now() -> tuple[int, str]:
+    """(pid, executable) of the parent; executable '' where it cannot be read (/proc of another user, PID 1 in a
+    container, no /proc): importing this module must never fail for it (the training scripts import it)."""
+    ppid = os.getppid()
+    try:
+        return ppid, os.path.realpath(f"/proc/{ppid}/exe", strict=True)
+    except OSError:
+        return ppid, ""
+
+
+PARENT_AT_START = _parent_now()
 
 # Only what the shifted environments need is imported here: `recover_environment()` of a stored dataset imports this
 # module (the entry point data_gen:make_shifted_env), and must work with gymnasium and mujoco alone. torch, tyro and

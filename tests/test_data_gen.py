@@ -580,3 +580,16 @@ def test_sac_trainer_errors_are_one_line(tmp_path):
                       "300", "--policy-dir", str(tmp_path), check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("data_gen.py: error: training state ")
+
+
+def test_an_unreadable_parent_does_not_break_the_import(monkeypatch):
+    """A process whose parent's /proc/<pid>/exe cannot be read (reparented to PID 1 after `nohup ... &` in a container,
+    another user's parent) must still import data_gen: the training scripts import it. It crashed with
+    PermissionError at import before."""
+    def denied(path, strict=False):
+        raise PermissionError(13, "Permission denied", path)
+
+    with monkeypatch.context() as m:
+        m.setattr(os.path, "realpath", denied)
+        assert dg._parent_now() == (os.getppid(), "")
+    assert dg.tie_to_parent(os.getppid(), "") is False  # such a parent is not followed
