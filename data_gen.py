@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+
 # Who started this process, read before the imports below take their second or two: tie_to_parent() needs the parent as
 # it was then (one killed meanwhile is gone from /proc, and this process has a new parent).
 def _parent_now() -> tuple[int, str]:
