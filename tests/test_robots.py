@@ -74,7 +74,7 @@ def test_committed_policies_collect_and_train(robot, tmp_path, monkeypatch):
     for script in ("v2a_iql.py", "v2a_td3bc.py"):
         out = run_script(script, "--env-id", env_id, "--source", source, *sizes, "--no-generate", *TINY_TRAIN,
                          cwd=str(tmp_path))
-        assert "final (last, not best) normalized score" in out.stdout
+        assert "final score (the 1-episode evaluation of the last policy)" in out.stdout
         run_dir = out.stdout.split("done: ")[1].split()[0]
         with open(os.path.join(tmp_path, run_dir, "results.json")) as fh:
             assert np.isfinite(json.load(fh)["final_normalized_score"])
