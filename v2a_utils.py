@@ -907,15 +907,15 @@ def train_policy(run: Run, learner: Learner, name: str, diagnostics: Optional[Ca
     run_stage(f"stage 5 {name}", args.total_steps, learner.step, learner.loss_tags, run.writer, args.log_freq,
               start=start, sps_tag="charts/SPS", must_log=is_eval_step, after_step=after_step)
     if evals:
-        final = final_evaluation(run, learner, eval_env, normalized)
+        final, level = final_evaluation(run, learner, eval_env, normalized), data_level(run.d)
         with open(os.path.join(run.dir, "results.json"), "w") as fh:
             json.dump({"variant": args.variant, "dynamics_score": args.dynamics_score, "row": run.row,
                        "final_normalized_score": final["normalized_score"], "last_eval_normalized_score": evals[-1][2],
-                       "target_data_normalized_score": data_level(run.d), "final_eval": final,
+                       "target_data_normalized_score": level, "final_eval": final,
                        "evals": evals, "eval_returns": eval_returns}, fh, indent=1)
         print(f"done: {run.dir}  final score (the {final['episodes']}-episode evaluation of the last policy) "
               f"{final['normalized_score']:.1f} +- {np.std(final['normalized_scores']) / len(final['returns'])**0.5:.1f} "
-              f"(s.e.); the target data's own level {data_level(run.d):.1f}", flush=True)
+              f"(s.e.); the target data's own level {level:.1f}", flush=True)
     eval_env.close()
 
 
