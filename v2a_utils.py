@@ -908,15 +908,27 @@ def train_policy(run: Run, learner: Learner, name: str, diagnostics: Optional[Ca
               start=start, sps_tag="charts/SPS", must_log=is_eval_step, after_step=after_step)
     if evals:
         final, level = final_evaluation(run, learner, eval_env, normalized), data_level(run.d)
-        with open(os.path.join(run.dir, "results.json"), "w") as fh:
-            json.dump({"variant": args.variant, "dynamics_score": args.dynamics_score, "row": run.row,
-                       "final_normalized_score": final["normalized_score"], "last_eval_normalized_score": evals[-1][2],
-                       "target_data_normalized_score": level, "final_eval": final,
-                       "evals": evals, "eval_returns": eval_returns}, fh, indent=1)
+        write_results(run.dir, {"variant": args.variant, "dynamics_score": args.dynamics_score, "row": run.row,
+                                "final_normalized_score": final["normalized_score"],
+                                "last_eval_normalized_score": evals[-1][2], "target_data_normalized_score": level,
+                                "final_eval": final, "evals": evals, "eval_returns": eval_returns})
         print(f"done: {run.dir}  final score (the {final['episodes']}-episode evaluation of the last policy) "
               f"{final['normalized_score']:.1f} +- {np.std(final['normalized_scores']) / len(final['returns'])**0.5:.1f} "
               f"(s.e.); the target data's own level {level:.1f}", flush=True)
     eval_env.close()
+
+
+def write_results(run_dir: str, results: dict):
+    """results.json, written whole or not at all; on a full disk or a read-only folder, one line that says how to
+    get it: the stage-5 checkpoint holds the last policy, so --resume repeats only the final evaluation."""
+    path = os.path.join(run_dir, "results.json")
+    try:
+        with open(path + ".tmp", "w") as fh:
+            json.dump(results, fh, indent=1)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        fail(f"cannot write {path} ({one_line(e)}); training is done and its checkpoint is intact: make room or make "
+             f"{run_dir} writable, then write it with --resume {run_dir} (it repeats only the final evaluation)")
 
 
 PERIODIC_EVAL_SEED, FINAL_EVAL_SEED = 10_000, 1_000_000  # episode seeds: seed + these + episode (distinct sets)

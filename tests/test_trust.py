@@ -241,6 +241,25 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line(tiny_data, tmp_path, mo
     assert "continue the run with --resume runs/Hopper-v4__v2a_iql__target__1__" in msg
 
 
+def test_results_that_cannot_be_written_are_one_line(tiny_data, tmp_path, monkeypatch):
+    """results.json that cannot be written after training (a full disk): one line naming the file and the way on, and
+    that way works: --resume repeats only the final evaluation and writes it."""
+    replace = os.replace
+    def full_disk(src, dst):
+        if str(dst).endswith("results.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return replace(src, dst)
+    monkeypatch.setattr(os, "replace", full_disk)
+    msg = refused("v2a_iql", tiny_data["base_args"] + TINY + ["--variant", "target"], tmp_path)
+    monkeypatch.undo()
+    assert "/results.json (OSError: [Errno 28] No space left on device" in msg and "training is done" in msg
+    run_dir = str(tmp_path / msg.split("--resume ")[-1].split(" ")[0])
+    assert not os.path.exists(os.path.join(run_dir, "results.json"))
+    train("v2a_iql", ["--resume", run_dir], tmp_path)
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    assert results["final_eval"]["step"] == torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)["step"]
+
+
 REUSE_CASES = {  # name: (script, flags, reuse the dvdf run made on other data, expected message)
     "dvdf from a v2a run": ("v2a_iql", ["--variant", "dvdf"], False, "stage3.pt was trained with other settings"),
     "igdf from a v2a run": ("v2a_iql", ["--variant", "igdf"], False, "stage4.pt was trained with other settings"),
