@@ -1,0 +1,190 @@
+# Run integrity for v2a_iql.py and v2a_td3bc.py: --resume and --reuse-stages load only what the current flags would
+# compute. Each stage's key (what determined its result, stored in its checkpoint), the checks of a run to resume and
+# of the checkpoints it loads, the command line that takes a resumed run's own flags, and the cut of its TensorBoard
+# events. v2a_utils.py imports what the scripts call (utils.cli, utils.check_resume, utils.stage_keys) back from here;
+# fail(), the one-line error of every check, lives here so that this module does not import v2a_utils.py.
+# docs: docs/v2a_iql.md ("Reading the code")
+import contextlib
+import glob
+import io
+import json
+import os
+import re
+import sys
+from dataclasses import fields
+from typing import Optional
+
+import torch
+import tyro
+
+from data_gen import one_line
+
+
+def fail(msg: str):
+    """One line on stderr, no traceback, prefixed with the program's name as argparse does."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {msg}")
+
+
+# ---- Run integrity: --resume and --reuse-stages load only what the current flags would compute ----------------------
+# flags added after runs were made: absent reads as this default
+NEW_FLAG_DEFAULTS = {"dynamics_score": "contrastive", "dataset_constraint": 0.0, "vae_steps": 10_000,
+                     "normalize_states": False, "reward_scale": "none", "awr_clip": 100.0, "actor_schedule": "cosine"}
+REMOVED_FLAG_DEFAULTS = {"bf16": False}  # flags since removed: checkpoints made at their default stay valid
+RESUME_FREE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "generate", "log_freq", "resume",
+               "reuse_stages", "bench", "compile", "total_steps",
+               "final_eval_episodes")  # flags that do not change training (--total-steps may grow)
+
+
+# ---- Run integrity: what determined each stage's result (stored in its checkpoint, compared when loaded) -----------
+def stage_keys(args, records: dict, stages, script: str, constants: dict) -> dict:
+    """Stage -> everything that determined its result: stored in its checkpoint, compared when it is loaded. A key
+    holds those of the stages trained before it in the same run (they advance the RNG; stage 2's z feeds stage 3).
+    Keys of stages 1-4 hold nothing script-specific: both scripts share those stages. `constants`: the script's
+    constants per stage (1, 3, and "ot" for the OT score of stage 4)."""
+    src = dict(list(records.items())[:-1])  # the target dataset is the last
+    own = {1: dict(data=src, repr_steps=args.repr_steps, z_dim=args.z_dim, lr=args.learning_rate, constants=constants[1]),
+           2: {},
+           3: dict(data=src, sql_steps=args.sql_steps, sql_alpha=args.sql_alpha, gamma=args.gamma, tau=args.tau,
+                   lr=args.learning_rate, constants=constants[3]),
+           4: dict(data=records, info_steps=args.info_steps, batch_size=args.batch_size, lr=args.learning_rate)
+           if args.dynamics_score == "contrastive" else  # the OT score: a function of the data, the seed and these
+           dict(data=records, score="ot", constants=constants["ot"])}
+    keys, chain = {}, {"seed": args.seed}
+    for k in stages:
+        keys[k] = chain = {**chain, f"stage{k}": own[k]}
+    flags = {k: v for k, v in vars(args).items()  # a newer flag at its default is left out: older keys stay valid
+             if k not in RESUME_FREE and not (k in NEW_FLAG_DEFAULTS and NEW_FLAG_DEFAULTS[k] == v)}
+    keys[5] = {**chain, "stage5": dict(data=records, script=script, flags=flags)}
+    return {k: json.loads(json.dumps(key)) for k, key in keys.items()}  # as stored: lists, not tuples
+
+
+def differences(old, new, prefix: str = "") -> list[str]:
+    """'path old (now new)' for every leaf where two nested dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in dict.fromkeys([*old, *new])
+                for d in differences(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")]
+    short = lambda x: "{...}" if isinstance(x, dict) else x if x == "<absent>" else repr(x)[:80]
+    removed = prefix[:-1].rsplit(".", 1)[-1].lstrip("-").replace("-", "_")
+    if new == "<absent>" and removed in REMOVED_FLAG_DEFAULTS and REMOVED_FLAG_DEFAULTS[removed] == old:
+        return []
+    return [] if old == new else [f"{prefix[:-1]} {short(old)} (now {short(new)})"]
+
+
+def check_resume(args, script: str):
+    """--resume: the run must be one of this script's, made with the same flags apart from RESUME_FREE and a larger
+    --total-steps; it loads its stages 1-4 from where it loaded them (its --reuse-stages)."""
+    path = os.path.join(args.resume, "args.json")
+    try:
+        with open(path) as fh:
+            old = json.load(fh)
+    except (OSError, ValueError) as e:
+        fail(f"--resume {args.resume}: cannot read {path} ({one_line(e)}); give a run directory made by {script}")
+    made_by = old.get("script", f"{old.get('exp_name')}.py")
+    if made_by != script:
+        fail(f"--resume {args.resume}: that run was made by {made_by}; resume it with python {made_by} --resume ...")
+    diff = [d for k, v in json.loads(json.dumps(vars(args))).items() if k not in RESUME_FREE
+            for d in differences(old.get(k, NEW_FLAG_DEFAULTS.get(k, "<absent>")), v, f"--{k.replace('_', '-')}.")]
+    if args.total_steps < old.get("total_steps", 0):
+        diff.append(f"--total-steps {old['total_steps']} (now {args.total_steps}; it may only grow)")
+    if diff:
+        fail(f"--resume {args.resume} was made with other flags: {', '.join(diff)}; leave those flags out (--resume "
+             f"alone continues the run with its own flags)")
+    args.reuse_stages = old.get("reuse_stages")
+    if args.reuse_stages and not os.path.isdir(args.reuse_stages):
+        fail(f"--resume {args.resume} loads its stages 1-4 from {args.reuse_stages}, which is not a directory any more")
+
+
+def cli(args_type, description: str, argv: Optional[list] = None):
+    """The command line, as tyro.cli parses it, with two differences. A flag tyro rejects is one line, as every other
+    error of the scripts (tyro draws a box). With --resume DIR, a flag not given takes that run's value (its args.json;
+    NEW_FLAG_DEFAULTS' for a flag newer than the run), so that --resume DIR alone continues the run as it was made; a
+    flag given with another value than the run's is then refused by check_resume, as before."""
+    args = parse_flags(args_type, description, argv)
+    if args.resume and (own := run_flags(args.resume, args_type)) is not None:
+        args = parse_flags(args_type, description, argv, default=own)
+    return args
+
+
+def run_flags(run_dir: str, args_type):
+    """The flags a run was made with, as an `args_type`; None where its args.json cannot be read (check_resume says
+    why). args.json also holds what is not a flag (script, device, datasets, ...): left out. So are the flags that
+    name other runs: check_resume takes the run's --reuse-stages itself."""
+    try:
+        with open(os.path.join(run_dir, "args.json")) as fh:
+            old = json.load(fh)
+        own = {f.name: old[f.name] if f.name in old else NEW_FLAG_DEFAULTS[f.name] for f in fields(args_type)
+               if (f.name in old or f.name in NEW_FLAG_DEFAULTS) and f.name not in ("resume", "reuse_stages", "bench")}
+        return args_type(**own)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def parse_flags(args_type, description: str, argv: Optional[list], **kwargs):
+    """tyro.cli; its error box -> fail() with the box's message on one line (and the flag it suggests for a misspelt
+    one). A box it cannot read is passed on as tyro drew it."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = tyro.cli(args_type, description=description, args=argv, **kwargs)
+    except SystemExit as e:
+        rows = [r.strip("│ ") for r in re.sub(r"\x1b\[[0-9;]*m", "", err.getvalue()).splitlines() if r.startswith("│")]
+        cut = [i for i, r in enumerate(rows) if r and set(r) == {"─"}] + [len(rows)]  # the box's section rules
+        message = " ".join(r for r in rows[: cut[0]] if r)
+        if "Perhaps you meant:" in rows[cut[0]: cut[0] + 2] and len(rows) > cut[0] + 2:
+            message += f" (perhaps {rows[cut[0] + 2].split()[0]})"
+        if e.code and message:
+            fail(f"{message.rstrip('.')}; python {os.path.basename(sys.argv[0])} --help lists the flags")
+        sys.stderr.write(err.getvalue())
+        raise
+    sys.stderr.write(err.getvalue())  # tyro's warnings, if it gave any
+    return args
+
+
+def read_checkpoint(path: str, key: dict, dev: torch.device, hint: str) -> dict:
+    try:
+        ck = torch.load(path, map_location=dev, weights_only=False)
+    except Exception as e:
+        fail(f"{path} cannot be read ({one_line(e)}): it is truncated or corrupt; delete it to train its stage again")
+    if not isinstance(ck, dict) or "key" not in ck:
+        fail(f"{path} holds no stage key (an older version of this script wrote it): train its stage again")
+    if diff := differences(ck["key"], key):
+        fail(f"{path} was trained with other settings: {'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}; {hint}")
+    return ck
+
+
+def load_checkpoints(args, stages, keys: dict, dev: torch.device) -> dict:
+    """Stage -> (path, checkpoint) of what this run continues from, each read and checked against its key before
+    anything is written: stages 1-5 of --resume (stages 1-4 also from the run it reused), stages 1-4 of --reuse-stages
+    (all that the variant needs)."""
+    cks, hints = {}, {args.resume: "resume with the datasets and flags it was made with (only --total-steps may grow)",
+                      args.reuse_stages: "reuse a run of the same datasets, seed and stage settings"}
+    find = lambda folder, k: folder and os.path.exists(os.path.join(folder, f"stage{k}.pt"))
+    if args.reuse_stages and not args.resume and (absent := [k for k in stages if not find(args.reuse_stages, k)]):
+        fail(f"--reuse-stages {args.reuse_stages} has no stage{absent[0]}.pt, which the {args.variant} variant needs")
+    for k in (*stages, 5):
+        if folder := next((f for f in (args.resume, args.reuse_stages if k <= 4 else None) if find(f, k)), None):
+            path = os.path.join(folder, f"stage{k}.pt")
+            cks[k] = path, read_checkpoint(path, keys[k], dev, hints[folder])
+    return cks
+
+
+STAGE_TAGS = ((0, "hyperparameters"), (1, "repr/rec_loss"), (1, "repr/kl"), (1, "repr/stage1_"), (2, "repr/domain_probe_acc"),
+              (3, "losses/sql_"), (4, "losses/info_loss"), (4, "dynamics/"))  # tag prefix -> its stage; others: 5
+
+
+def cut_events(run_dir: str, keep: dict):
+    """--resume: drop from the run's TensorBoard event files what this process logs again (steps after stage 5's
+    checkpoint, every step of a stage that runs again, the hyperparameter text), so each (tag, step) is logged once."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    stage = lambda tag: next((k for k, prefix in STAGE_TAGS if tag.startswith(prefix)), 5)
+    for path in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+        records = list(RawEventFileLoader(path).Load())
+        kept = [r for r, e in ((r, Event.FromString(r)) for r in records)
+                if all(e.step <= keep[stage(v.tag)] for v in e.summary.value)]
+        if len(kept) < len(records):
+            with open(path + ".tmp", "wb") as fh:
+                for r in kept:
+                    RecordWriter(fh).write(r)
+            os.replace(path + ".tmp", path)
