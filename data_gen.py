@@ -7,7 +7,6 @@ behaviour policy) and a small target dataset in the nominal environment.
     python data_gen.py --env-id Hopper-v4 --train-domain nominal   # train the behaviour policies of one domain
 """
 import contextlib
-import ctypes
 import fcntl
 import json
 import math
@@ -21,20 +20,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from data_gen_parent import parent_now, tie_to_parent
 
 # Who started this process, read before the imports below take their second or two: tie_to_parent() needs the parent as
 # it was then (one killed meanwhile is gone from /proc, and this process has a new parent).
-def _parent_now() -> tuple[int, str]:
-    """(pid, executable) of the parent; executable '' where it cannot be read (/proc of another user, PID 1 in a
-    container, no /proc): importing this module must never fail for it (the training scripts import it)."""
-    ppid = os.getppid()
-    try:
-        return ppid, os.path.realpath(f"/proc/{ppid}/exe", strict=True)
-    except OSError:
-        return ppid, ""
-
-
-PARENT_AT_START = _parent_now()
+PARENT_AT_START = parent_now()
 
 # Only what the shifted environments need is imported here: `recover_environment()` of a stored dataset imports this
 # module (the entry point data_gen:make_shifted_env), and must work with gymnasium and mujoco alone. torch, tyro and
@@ -739,67 +729,8 @@ def generate(args: Args, robot: str):
           f"ref_max_score {target.storage.metadata['ref_max_score']:.1f}")
 
 
-def reference_scores(args: Args, robot: str) -> tuple[float, float]:
-    """The target's `ref_min_score` and `ref_max_score`, measured as the target dataset stores them (same seeds)."""
-    eval_env = make_domain_env(args.env_id, "nominal")
-    expert, _ = load_actor(args, robot, "nominal", "expert")
-    ref_min = evaluate_policy(eval_env, None, args.ref_min_episodes, seed=args.seed + 123).mean()
-    ref_max = evaluate_policy(eval_env, expert, args.ref_max_episodes, seed=args.seed + 456).mean()
-    return float(ref_min), float(ref_max)
-
-
-def measure(args: Args, robot: str) -> list[dict]:
-    """`--measure-episodes N`: the return of each mixture entry's behaviour policy in its own domain, on N episodes
-    (reset seeds 20000 + seed onwards), with deterministic actions and with sampled ones (as the data are collected),
-    and its normalized score 100 (R - ref_min) / (ref_max - ref_min) against the target's reference scores."""
-    import torch
-
-    n, seed = args.measure_episodes, 20_000 + args.seed
-    for domain, quality, _ in parse_source(args.source):
-        load_actor(args, robot, domain, quality)  # every policy file first: a missing one stops before any episode
-    t0 = time.time()
-    ref_min, ref_max = reference_scores(args, robot)
-    norm = lambda r: 100 * (r - ref_min) / (ref_max - ref_min)
-    print(f"{args.env_id} target reference scores: ref_min_score {ref_min:.1f} (uniform random policy, "
-          f"{args.ref_min_episodes} episodes), ref_max_score {ref_max:.1f} (nominal expert, {args.ref_max_episodes} "
-          f"deterministic episodes)")
-    print(f"returns of each entry's behaviour policy in its own domain, {n} episodes (reset seeds {seed}-{seed + n - 1}),"
-          f" mean +- sd (normalized score)")
-    print(f"  {'domain:quality':24s} {'deterministic actions':>30s} {'sampled actions (as collected)':>32s}")
-    rows = []
-    for domain, quality, _ in dict.fromkeys(parse_source(args.source)):
-        env = make_domain_env(args.env_id, domain)
-        actor, _ = load_actor(args, robot, domain, quality)
-        det = evaluate_policy(env, actor, n, seed=seed)
-        torch.manual_seed(seed)
-        sampled = evaluate_policy(env, actor, n, seed=seed, deterministic=False)
-        rows.append(dict(domain=domain, quality=quality, deterministic=det, sampled=sampled))
-        cell = lambda r: f"{r.mean():8.1f} +- {r.std():6.1f} ({norm(r.mean()):5.1f})"
-        print(f"  {domain + ':' + quality:24s} {cell(det):>30s} {cell(sampled):>32s}", flush=True)
-    print(f"measured in {time.time() - t0:.0f} s")
-    return rows
-
-
 def _terminate(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through the `finally` blocks: the staging folder is removed
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def tie_to_parent(parent_pid: int, parent_exe: str) -> bool:
-    """Started by a program running this same Python (a training script's run_data_gen, benchmark.py, a test), stop
-    when it dies, even by SIGKILL: Linux sends this process SIGTERM then (prctl PR_SET_PDEATHSIG), whose handler
-    removes the staging folder. A parent that is something else, a shell say, is not followed, so that `nohup python
-    data_gen.py &` outlives its shell. Not on other systems (docs/data_gen.md). Returns whether it is tied."""
-    if not sys.platform.startswith("linux") or parent_exe != os.path.realpath(sys.executable):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        return False
-    if os.getppid() != parent_pid:  # the parent died before prctl (its signal came too early): stop now
-        os.kill(os.getpid(), signal.SIGTERM)
-    return True
 
 
 def main(args: Args):
@@ -827,6 +758,8 @@ def main(args: Args):
         train_behaviour_policies(args, robot, args.train_domain)
         return
     if args.measure_episodes > 0:
+        from data_gen_measure import measure  # only this flag needs it
+
         measure(args, robot)
         return
     generate(args, robot)

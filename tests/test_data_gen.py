@@ -15,6 +15,8 @@ import torch
 from conftest import ROOT, SUBPROCESS_TIMEOUT, TINY, run_script
 
 import data_gen as dg
+import data_gen_measure
+import data_gen_parent
 
 
 def first_divergence(env_id: str, domain: str, steps: int = 300) -> float:
@@ -161,7 +163,7 @@ def test_crossed_quality_values_differ():
     returns in the two domains (docs/data_gen.md, "Named mixtures", has the 20-episode table)."""
     args = dg.Args(source=dg.NAMED_SOURCES["Hopper"]["crossed"], measure_episodes=2, ref_min_episodes=2,
                    ref_max_episodes=1)
-    rows = {(r["domain"], r["quality"]): r["deterministic"].mean() for r in dg.measure(args, "Hopper")}
+    rows = {(r["domain"], r["quality"]): r["deterministic"].mean() for r in data_gen_measure.measure(args, "Hopper")}
     for quality in ("medium", "expert"):
         assert rows[("legjnt-hard", quality)] > 1.5 * rows[("gravity-0.5", quality)]
     # by return, gravity-0.5's expert data sit between legjnt-hard's medium and expert data, nearer the medium
@@ -591,5 +593,5 @@ def test_an_unreadable_parent_does_not_break_the_import(monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(os.path, "realpath", denied)
-        assert dg._parent_now() == (os.getppid(), "")
+        assert data_gen_parent.parent_now() == (os.getppid(), "")
     assert dg.tie_to_parent(os.getppid(), "") is False  # such a parent is not followed
