@@ -7,8 +7,8 @@ import statistics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the official release's backbone flags: the table names what differs from them
-RELEASE = dict(gamma=0.99, temperature=3.0, expectile=0.7, awr_clip=100.0, actor_schedule="cosine", normalize_states=False,
-               reward_scale="none", alpha=2.5)
+RELEASE = dict(gamma=0.99, tau=0.005, temperature=3.0, expectile=0.7, awr_clip=100.0, actor_schedule="cosine",
+               normalize_states=False, reward_scale="none", alpha=2.5, target_size=100_000, source_size=1_000_000)
 rows: dict = {}
 for path in sorted(glob.glob(os.path.join(HERE, "*__s*", "results.json"))):
     name, seed = os.path.basename(os.path.dirname(path)).rsplit("__s", 1)
