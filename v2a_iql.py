@@ -101,8 +101,8 @@ class Args:
     learning_rate: float = 3e-4
     """Adam learning rate of every network"""
     gamma: float = 0.99
-    """discount (the release's 0.99; on data whose episodes fall, 0.999 with --tau 0.05 --temperature 0.5 sees the
-    falls: docs/v2a_iql.md, "The backbone")"""
+    """discount (the release's 0.99; on Hopper, whose data's falls lie beyond 0.99's horizon, 0.999 with --tau 0.05
+    did better: README, "backbone")"""
     tau: float = 0.005
     """Polyak rate of the target Q networks (one Bellman backup takes about 1/tau steps)"""
     resume: Optional[str] = None
