@@ -1,7 +1,8 @@
 # What each learned policy achieves under the objective IQL optimises (the gamma-discounted return) and under the score
 # (the undiscounted 1000-step return), beside the target data's own episodes. Run from the repository root:
 #   python results/backbone/discounted_objective.py <run dir> [<run dir> ...] [--episodes 20] [--gammas 0.99 0.999]
-# Each run dir holds args.json and stage5.pt (a v2a_iql.py run). Prints one row per run.
+# Each run dir holds args.json and stage5.pt (a v2a_iql.py run); the env and the target dataset (the first row) are
+# those the first run's args.json names. Prints one row per run.
 import argparse
 import json
 import pathlib
@@ -54,8 +55,9 @@ def main():
     p.add_argument("--seed", type=int, default=2_000_000, help="first evaluation seed (training uses others)")
     a = p.parse_args()
     torch.set_num_threads(1)
-    ds = minari.load_dataset("v2a/hopper-v4/target/medium-100k-v0")
-    env = gym.make("Hopper-v4")
+    first = json.loads((pathlib.Path(a.runs[0]) / "args.json").read_text())
+    target_id = next(i for i, meta in first["datasets"].items() if meta["domain"] == "nominal")
+    ds, env = minari.load_dataset(target_id), gym.make(first["env_id"])
     print("| policy | episodes | normalized score | "
           + " | ".join(f"discounted return, gamma {g}" for g in a.gammas) + " | fell | mean length |")
     print("|---" * (5 + len(a.gammas)) + "|")
