@@ -31,7 +31,7 @@ NEW_FLAG_DEFAULTS = {"dynamics_score": "contrastive", "dataset_constraint": 0.0,
                      "normalize_states": False, "reward_scale": "none", "awr_clip": 100.0, "actor_schedule": "cosine"}
 REMOVED_FLAG_DEFAULTS = {"bf16": False}  # flags since removed: checkpoints made at their default stay valid
 RESUME_FREE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "generate", "log_freq", "resume",
-               "reuse_stages", "bench", "compile", "total_steps",
+               "reuse_stages", "bench", "compile", "threads", "total_steps",
                "final_eval_episodes")  # flags that do not change training (--total-steps may grow)
 
 

@@ -117,6 +117,10 @@ class Args:
     """compile the whole stage-5 update with torch.compile (on CUDA as a CUDA graph): 1.2-1.7x the eager rate on a
     CPU core, after a cold compile of 1-2 min (inductor caches it; later runs take about 20 s). `--no-compile` runs the
     same update eagerly, the reference"""
+    threads: int = 1
+    """CPU threads of torch and of the compiled update's kernels. The networks are small, and a run with more threads
+    than free cores waits at every step for a parked thread: 2 threads beside two other runs on a 2-core CPU ran 6x
+    slower than 1 (docs/speed.md). Raise it only where cores are idle, and measure with --bench"""
     bench: int = 0
     """time every stage of the variant (warm-up, then this many steps; TC-ELBO N/50 iterations) and exit; nothing is
     trained to completion or saved"""
@@ -781,6 +785,7 @@ def setup(args: Args) -> Run:
     """Every check first (flags, datasets, the checkpoints to load), then the run directory and its logging."""
     torch.set_flush_denormal(True)  # subnormal floats take a slow path on x86 CPUs: they triple the GRU's cost
     utils.validate_args(args, VARIANT_STAGES, PUBLISHED_TRADEOFF, backbone_errors(args))
+    torch.set_num_threads(args.threads)  # before anything is compiled: the kernels take their thread count from it
     if args.resume:
         utils.check_resume(args, SCRIPT)
     random.seed(args.seed)

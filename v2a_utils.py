@@ -88,6 +88,7 @@ def validate_args(args, variant_stages: dict, filtered: dict, backbone_errors: l
         *[(n < 0, f"--{flag} must be >= 0, got {n}") for flag, n in budgets.values()],
         (min(args.eval_freq, args.eval_episodes, args.final_eval_episodes, args.log_freq, args.batch_size, args.z_dim) <= 0,
          "--eval-freq, --eval-episodes, --final-eval-episodes, --log-freq, --batch-size and --z-dim must be > 0"),
+        (args.threads < 1, f"--threads {args.threads}: must be at least 1"),
         (not 0 < args.learning_rate < math.inf, f"--learning-rate must be finite and > 0, got {args.learning_rate}"),
         (not 0 < args.sql_alpha < math.inf, f"--sql-alpha must be finite and > 0, got {args.sql_alpha}"),
         (not 0 <= args.gamma <= 1 or not 0 < args.tau <= 1,
@@ -578,7 +579,9 @@ def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys
         print(f"bench: device {dev}, {torch.get_num_threads()} threads, fp32 192x256x256 matmul {mm_rate:.0f} GFLOP/s; "
               f"stages are timed on untrained networks", flush=True)
     print(f"data: {d['n_src']} source transitions in {len(d['traj_len'])} trajectories ({', '.join(d['dom_names'])}), "
-          f"{d['n_tgt']} target transitions; device {dev}", flush=True)
+          f"{d['n_tgt']} target transitions; device {dev}"
+          + (f", {torch.get_num_threads()} CPU thread{'s' * (torch.get_num_threads() > 1)} (--threads)" if dev.type == "cpu"
+             else ""), flush=True)
     loaded = {} if bench else load_checkpoints(args, stages, keys, dev)
     run_dir = (args.resume.rstrip("/") if args.resume else tempfile.mkdtemp(prefix="v2a_bench_") if bench
                else f"runs/{args.env_id}__{args.exp_name}__{row}__{args.seed}__{int(time.time())}")

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -22,9 +23,13 @@ def validate_args(script_module, args):
     m.utils.validate_args(args, m.VARIANT_STAGES, m.PUBLISHED_TRADEOFF, m.backbone_errors(args))
 
 
-def run_script(script: str, *args: str, check: bool = True, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    """Run one of the project's scripts as a user would, with a single torch thread, in `cwd` (runs/ goes there)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+def run_script(script: str, *args: str, check: bool = True, cwd: str = ROOT,
+               omp_threads: Optional[str] = "1") -> subprocess.CompletedProcess:
+    """Run one of the project's scripts as a user would, in `cwd` (runs/ goes there), with OMP_NUM_THREADS set to
+    `omp_threads` (None: unset, as a user's shell has it)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | dict(PYTHONWARNINGS="ignore")
+    if omp_threads is not None:
+        env["OMP_NUM_THREADS"] = omp_threads
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     if check and proc.returncode != 0:

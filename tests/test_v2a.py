@@ -401,6 +401,7 @@ BAD_INPUT = [
     (dict(z_dim=0), "--z-dim must be > 0"), (dict(batch_size=0), "--batch-size and --z-dim must be > 0"),
     (dict(eval_episodes=-1), "must be > 0"), (dict(learning_rate=0.0), "--learning-rate must be finite and > 0"),
     (dict(learning_rate=math.inf), "--learning-rate"), (dict(sql_alpha=-0.2), "--sql-alpha"),
+    (dict(threads=0), "--threads 0: must be at least 1"),
     (dict(gamma=1.5), "--gamma must lie in [0, 1]"), (dict(tau=0.0), "--tau in (0, 1]"), (dict(tau=2.0), "--tau"),
     (dict(bench=-1), "--bench takes a number >= 0"), (dict(bench=5, reuse_stages="."), "excludes --resume"),
     (dict(resume=".", reuse_stages="."), "exclude each other"), (dict(resume="no/such/run"), "is not a run directory"),
@@ -471,6 +472,16 @@ def test_compiled_update_matches_eager(script, tiny_data, tmp_path):
         weights[mode] = torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)["qf"]
     for key, w in weights["--compile"].items():
         assert torch.allclose(w, weights["--no-compile"][key], rtol=1e-3, atol=1e-5), key
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="one core: torch's default is then one thread as well")
+def test_one_cpu_thread_unless_told(tiny_data, tmp_path):
+    """torch's default is a thread per core; with another run beside it every step then waits on a descheduled thread
+    (5-6x slower measured, docs/speed.md). The scripts take --threads (1) instead, with no OMP_NUM_THREADS set."""
+    for threads in ("1", "2"):
+        proc = run_script("v2a_iql.py", *tiny_data["base_args"], "--variant", "target", "--bench", "2", "--no-compile",
+                          *(["--threads", threads] if threads != "1" else []), cwd=str(tmp_path), omp_threads=None)
+        assert f"device cpu, {threads} threads" in proc.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the CUDA path is not exercised")
