@@ -719,6 +719,9 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     def update():
         """One IQL step as one function (compiled whole with --compile): V, then Q and the actor, then Polyak."""
         x, w = batch()
+        # In plain PyTorch each grad_and_value + adam_step_ pair is `loss.backward(); opt.step(); opt.zero_grad()`:
+        # grad_and_value returns the gradients (and the loss) instead of filling .grad, adam_step_ is Adam's step on
+        # them, and _foreach_lerp_ is the Polyak average target <- (1 - tau) target + tau online.
         vf_grads, (vf_loss, (u, q_min_t)) = utils.grad_and_value(v_loss, utils.params(vf), x)
         utils.adam_step_(vf_opt, vf_grads)
         (qf_grads, actor_grads), (_, (qf_loss, actor_loss)) = utils.grad_and_value(

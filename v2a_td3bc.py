@@ -621,6 +621,9 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         """One TD3+BC step as one function (compiled whole with --compile, one graph per value of actor_step):
         the critics; with actor_step, the actor on the updated critics and Polyak on both."""
         x, w = batch()
+        # In plain PyTorch each grad_and_value + adam_step_ pair is `loss.backward(); opt.step(); opt.zero_grad()`:
+        # grad_and_value returns the gradients (and the loss) instead of filling .grad, adam_step_ is Adam's step on
+        # them, and _foreach_lerp_ is the Polyak average target <- (1 - tau) target + tau online.
         qf_grads, (qf_loss, (s, a, q_min)) = utils.grad_and_value(critic_loss, utils.params(qf), x, w)
         utils.adam_step_(qf_opt, qf_grads)
         if actor_step:
