@@ -101,8 +101,8 @@ class Args:
     learning_rate: float = 3e-4
     """Adam learning rate of every network"""
     gamma: float = 0.99
-    """discount (the release's 0.99). On the 100k Hopper target, whose falls lie beyond 0.99's horizon, 0.999 with
-    --tau 0.05 helped target-only learning; it did worse on a 5k target and with V2A (README, "backbone")"""
+    """discount (the release's 0.99). On the 100k Hopper target, whose falls lie beyond 0.99's horizon, gamma 0.999
+    with tau 0.05 helped target-only and merged IQL, did no better on a 5k target and broke V2A (README, "backbone")"""
     tau: float = 0.005
     """Polyak rate of the target Q networks (one Bellman backup takes about 1/tau steps)"""
     resume: Optional[str] = None
