@@ -578,10 +578,10 @@ def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys
     if bench:
         print(f"bench: device {dev}, {torch.get_num_threads()} threads, fp32 192x256x256 matmul {mm_rate:.0f} GFLOP/s; "
               f"stages are timed on untrained networks", flush=True)
+    threads = torch.get_num_threads()
+    cpu_threads = f", {threads} CPU thread{'s' * (threads > 1)} (--threads)" if dev.type == "cpu" else ""
     print(f"data: {d['n_src']} source transitions in {len(d['traj_len'])} trajectories ({', '.join(d['dom_names'])}), "
-          f"{d['n_tgt']} target transitions; device {dev}"
-          + (f", {torch.get_num_threads()} CPU thread{'s' * (torch.get_num_threads() > 1)} (--threads)" if dev.type == "cpu"
-             else ""), flush=True)
+          f"{d['n_tgt']} target transitions; device {dev}{cpu_threads}", flush=True)
     loaded = {} if bench else load_checkpoints(args, stages, keys, dev)
     run_dir = (args.resume.rstrip("/") if args.resume else tempfile.mkdtemp(prefix="v2a_bench_") if bench
                else f"runs/{args.env_id}__{args.exp_name}__{row}__{args.seed}__{int(time.time())}")
