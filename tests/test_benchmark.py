@@ -40,7 +40,9 @@ FAKE = textwrap.dedent('''
     for step in range(len(evals) + 1, a.total_steps + 1):
         time.sleep(0.05)
         evals.append([step, 0.0, 10.0 * a.seed + step])
-        json.dump({"evals": evals}, open(os.path.join(rd, "progress.json"), "w"))
+        with open(os.path.join(rd, "progress.tmp"), "w") as fh:  # atomic, as the real scripts' checkpoints: a kill
+            json.dump({"evals": evals}, fh)                         # mid-write must leave the previous one intact
+        os.replace(os.path.join(rd, "progress.tmp"), os.path.join(rd, "progress.json"))
         print("step", step, flush=True)
         if a.seed == a.crash_seed and step == 2 and not os.path.exists("crashed_once"):
             open("crashed_once", "w").close()
