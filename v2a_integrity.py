@@ -28,11 +28,18 @@ def fail(msg: str):
 # ---- Run integrity: --resume and --reuse-stages load only what the current flags would compute ----------------------
 # flags added after runs were made: absent reads as this default
 NEW_FLAG_DEFAULTS = {"dynamics_score": "contrastive", "dataset_constraint": 0.0, "vae_steps": 10_000,
-                     "normalize_states": False, "reward_scale": "none", "awr_clip": 100.0, "actor_schedule": "cosine"}
+                     "normalize_states": False, "reward_scale": "none", "awr_clip": 100.0, "actor_schedule": "cosine",
+                     "sql_gamma": None, "sql_tau": None}
 REMOVED_FLAG_DEFAULTS = {"bf16": False}  # flags since removed: checkpoints made at their default stay valid
 RESUME_FREE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "generate", "log_freq", "resume",
                "reuse_stages", "bench", "compile", "threads", "total_steps",
                "final_eval_episodes")  # flags that do not change training (--total-steps may grow)
+
+
+def sql_discount(args) -> tuple[float, float]:
+    """Stage 3's discount and Polyak rate: --sql-gamma and --sql-tau, or the backbone's --gamma and --tau where unset
+    (the release uses one value of each for both)."""
+    return (args.gamma if args.sql_gamma is None else args.sql_gamma), (args.tau if args.sql_tau is None else args.sql_tau)
 
 
 # ---- Run integrity: what determined each stage's result (stored in its checkpoint, compared when loaded) -----------
@@ -42,9 +49,10 @@ def stage_keys(args, records: dict, stages, script: str, constants: dict) -> dic
     Keys of stages 1-4 hold nothing script-specific: both scripts share those stages. `constants`: the script's
     constants per stage (1, 3, and "ot" for the OT score of stage 4)."""
     src = dict(list(records.items())[:-1])  # the target dataset is the last
+    sql_gamma, sql_tau = sql_discount(args)  # stored as gamma and tau: keys made before --sql-gamma stay valid
     own = {1: dict(data=src, repr_steps=args.repr_steps, z_dim=args.z_dim, lr=args.learning_rate, constants=constants[1]),
            2: {},
-           3: dict(data=src, sql_steps=args.sql_steps, sql_alpha=args.sql_alpha, gamma=args.gamma, tau=args.tau,
+           3: dict(data=src, sql_steps=args.sql_steps, sql_alpha=args.sql_alpha, gamma=sql_gamma, tau=sql_tau,
                    lr=args.learning_rate, constants=constants[3]),
            4: dict(data=records, info_steps=args.info_steps, batch_size=args.batch_size, lr=args.learning_rate)
            if args.dynamics_score == "contrastive" else  # the OT score: a function of the data, the seed and these

@@ -105,6 +105,11 @@ class Args:
     with tau 0.05 helped target-only and merged IQL, did no better on a 5k target and broke V2A (README, "backbone")"""
     tau: float = 0.005
     """Polyak rate of the target Q networks (one Bellman backup takes about 1/tau steps)"""
+    sql_gamma: Optional[float] = None
+    """stage 3's discount, that of the advantage A the filter ranks by; None: --gamma, as the release. --gamma 0.999
+    --sql-gamma 0.99 changes the stage-5 backbone alone (and can --reuse-stages a run made at 0.99)"""
+    sql_tau: Optional[float] = None
+    """stage 3's Polyak rate; None: --tau, as the release"""
     resume: Optional[str] = None
     """`runs/<name>`: continue that run (finished stages are loaded, stage 5 continues from its checkpoint) with the
     run's own flags, read from its args.json: `--resume runs/<name>` alone suffices. A flag given with it must have the
@@ -534,6 +539,7 @@ def train_advantage(run: Run, z_traj: torch.Tensor) -> tuple[EnsembleMLP, nn.Mod
     sql_qt = copy.deepcopy(sql_q).requires_grad_(False)
     q_opt, v_opt = run.adam(sql_q.parameters()), run.adam(sql_v.parameters())
     zs = functools.partial(with_z, z_traj, d)
+    gamma, tau = utils.sql_discount(args)
 
     def sql_step(i):
         idx = torch.randint(Ns, (SQL_BATCH,), device=dev)
@@ -543,11 +549,11 @@ def train_advantage(run: Run, z_traj: torch.Tensor) -> tuple[EnsembleMLP, nn.Mod
             q_min = sql_qt(zs(x[:, : ds + da], idx)).min(0).values.squeeze(-1)
         v_loss = optimize(v_opt, sql_v_loss(q_min, sql_v(zs(s, idx)).squeeze(-1), args.sql_alpha))
         with torch.no_grad():  # V(s', z) with the transition's own z (docs/specification.md §14 item 13)
-            y = r + args.gamma * (1 - done) * sql_v(zs(s2, idx)).squeeze(-1)
+            y = r + gamma * (1 - done) * sql_v(zs(s2, idx)).squeeze(-1)
         q_loss = optimize(q_opt, td_loss(sql_q(zs(x[:, : ds + da], idx)).squeeze(-1), y))
         if i % 2 == 0:
             with torch.no_grad():
-                torch._foreach_lerp_(list(sql_qt.parameters()), list(sql_q.parameters()), args.tau)
+                torch._foreach_lerp_(list(sql_qt.parameters()), list(sql_q.parameters()), tau)
         return torch.stack([v_loss, q_loss])
 
     if run.train(f"stage 3 SQL {'Q(s,a,z)' if dz else 'Q(s,a)'}", args.sql_steps, sql_step,

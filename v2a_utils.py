@@ -27,10 +27,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 import data_gen
 from data_gen import DEFAULT_SOURCES, MAX_DATASET_TRANSITIONS, SUPPORTED_ENV_IDS, one_line
-from v2a_integrity import check_resume, cli, cut_events, fail, load_checkpoints, stage_keys
+from v2a_integrity import check_resume, cli, cut_events, fail, load_checkpoints, sql_discount, stage_keys
 
 __all__ = ["DEFAULT_SOURCES", "MAX_DATASET_TRANSITIONS", "SUPPORTED_ENV_IDS"]  # re-exported: data_gen.py's, not a copy
-__all__ += ["check_resume", "cli", "stage_keys"]  # re-exported: v2a_integrity.py's, which the scripts call as utils.X
+__all__ += ["check_resume", "cli", "sql_discount", "stage_keys"]  # re-exported: v2a_integrity.py's (utils.X in the scripts)
 
 
 def parse_source(spec: str) -> list[tuple[str, str, float]]:
@@ -93,6 +93,8 @@ def validate_args(args, variant_stages: dict, filtered: dict, backbone_errors: l
         (not 0 < args.sql_alpha < math.inf, f"--sql-alpha must be finite and > 0, got {args.sql_alpha}"),
         (not 0 <= args.gamma <= 1 or not 0 < args.tau <= 1,
          f"--gamma must lie in [0, 1] and --tau in (0, 1]; got gamma {args.gamma}, tau {args.tau}"),
+        (not 0 <= sql_discount(args)[0] <= 1 or not 0 < sql_discount(args)[1] <= 1,
+         f"--sql-gamma must lie in [0, 1] and --sql-tau in (0, 1]; got {args.sql_gamma}, {args.sql_tau}"),
         *[(True, msg) for msg in backbone_errors],
         (args.bench < 0 or (bench and any(runs)), "--bench takes a number >= 0 and excludes --resume/--reuse-stages"),
         (all(runs), "--resume and --reuse-stages exclude each other"),

@@ -403,6 +403,7 @@ BAD_INPUT = [
     (dict(learning_rate=math.inf), "--learning-rate"), (dict(sql_alpha=-0.2), "--sql-alpha"),
     (dict(threads=0), "--threads 0: must be at least 1"),
     (dict(gamma=1.5), "--gamma must lie in [0, 1]"), (dict(tau=0.0), "--tau in (0, 1]"), (dict(tau=2.0), "--tau"),
+    (dict(sql_gamma=-0.1), "--sql-gamma must lie in [0, 1]"), (dict(sql_tau=0.0), "--sql-tau in (0, 1]"),
     (dict(bench=-1), "--bench takes a number >= 0"), (dict(bench=5, reuse_stages="."), "excludes --resume"),
     (dict(resume=".", reuse_stages="."), "exclude each other"), (dict(resume="no/such/run"), "is not a run directory"),
     (dict(target_size=999, generate=False), "missing datasets"),
@@ -568,6 +569,20 @@ def test_normalisation_flags_are_part_of_the_stage5_key(v2a_run, tiny_data):
         proc = run(script, cwd, *tiny_data["base_args"], *TINY_BUDGETS, flag, *value, "--resume", run_dir, check=False)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         assert flag.replace("no-", "") in proc.stderr.splitlines()[-1]
+
+
+def test_sql_gamma_keeps_stage_3_when_the_backbone_discount_changes(v2a_run, tiny_data):
+    """--gamma alone also changes stage 3's SQL (the release's single discount), so --reuse-stages refuses a run made at
+    another --gamma; with --sql-gamma at the run's value it loads stages 1-4 and trains stage 5 with the new --gamma."""
+    script, cwd, _, run_dir = v2a_run
+    proc = run(script, cwd, *tiny_data["base_args"], *TINY_BUDGETS, "--gamma", "0.999", "--reuse-stages", run_dir,
+               check=False)
+    assert proc.returncode != 0 and "stage3.gamma 0.99 (now 0.999)" in proc.stderr.splitlines()[-1]
+    proc = run(script, cwd, *tiny_data["base_args"], *TINY_BUDGETS, "--gamma", "0.999", "--sql-gamma", "0.99",
+               "--reuse-stages", run_dir, "--exp-name", "sqlgamma")
+    assert all(f"[stage {k}] loaded" in proc.stdout for k in (1, 2, 3, 4)) and "[stage 3 SQL" not in proc.stdout
+    (new_run,) = glob.glob(os.path.join(cwd, "runs", "*__sqlgamma__*", "args.json"))
+    assert (json.load(open(new_run))["gamma"], json.load(open(new_run))["sql_gamma"]) == (0.999, 0.99)
 
 
 def test_resume_and_reuse_stages(v2a_run, tiny_data):
