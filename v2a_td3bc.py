@@ -103,7 +103,7 @@ class Args:
     """Adam learning rate of every network"""
     gamma: float = 0.99
     """discount (the release's 0.99). On the 100k Hopper target, whose falls lie beyond 0.99's horizon, gamma 0.999
-    with tau 0.05 helped target-only and merged IQL, did no better on a 5k target and broke V2A (README, "backbone")"""
+    with tau 0.05 helped target-only and merged IQL, did no better on a 5k target and worse with V2A (README, "backbone")"""
     tau: float = 0.005
     """Polyak rate of the target Q networks (one Bellman backup takes about 1/tau steps)"""
     sql_gamma: Optional[float] = None
