@@ -391,6 +391,7 @@ def run_sweep(cfg: Run, extra: list[str], launch: str = "") -> int:
     else:
         results = run_local(cfg, todo, progress)
     failed = [r for r in results if r["rc"] != 0]
+    results = [r for r in results if r["state"] in ("new", "resume")]  # not those another runner took meanwhile
     for r in failed:
         print(f"[benchmark] FAILED {r['name']} (exit {r['rc']}); end of its log:\n{r['tail']}", flush=True)
     print(f"[benchmark] sweep {cfg.sweep}: {len(results) - len(failed)} runs ended, {len(failed)} failed; "
@@ -407,13 +408,18 @@ class Progress:
         self.starts: list[float] = []  # start times of the runs in flight (a freed slot takes the next run at once)
 
     def ended(self, r: dict):
-        self.done += 1
-        self.failed += r["rc"] != 0
-        if r["rc"] == 0 and r["state"] in ("new", "resume"):
-            self.durations.append(r["seconds"])
         if self.starts:  # the run that ended is the one whose start time fits its duration best
             began = time.time() - r["seconds"]
             self.starts.remove(min(self.starts, key=lambda t: abs(t - began)))
+        if r["state"] in ("done", "running"):  # another runner took it after the plan: no longer this runner's work
+            self.total -= 1
+            print(f"[benchmark] skipped {r['name']}: another runner {'finished' if r['state'] == 'done' else 'runs'} it",
+                  flush=True)
+            return
+        self.done += 1
+        self.failed += r["rc"] != 0
+        if r["rc"] == 0:
+            self.durations.append(r["seconds"])
         print(f"[benchmark] {'ok' if r['rc'] == 0 else 'FAILED'} {r['name']} ({r['state']}, {duration(r['seconds'])})",
               flush=True)
 

@@ -220,6 +220,18 @@ def test_progress_eta_counts_down(monkeypatch, capsys):
     assert etas == ["20 min", "15 min", "10 min"]
 
 
+def test_a_run_another_runner_took_is_skipped_not_finished(capsys):
+    """Two runners on one sweep: a run planned by this one but started by the other meanwhile (state "running" when its
+    turn comes) is reported as skipped and leaves the total, not counted as finished."""
+    progress = benchmark.Progress(total=3, workers=1, past=[], every=0)
+    progress.ended(dict(name="v2a_s2", rc=0, state="running", seconds=0.0))
+    progress.ended(dict(name="bc_s3", rc=0, state="new", seconds=60.0))
+    progress.line(1, force=True)
+    out = capsys.readouterr().out
+    assert "skipped v2a_s2: another runner runs it" in out and "ok v2a_s2" not in out and "ok bc_s3 (new" in out
+    assert out.splitlines()[-1].startswith("[benchmark] 1/2 finished (0 failed), 1 running, 0 left")
+
+
 def test_bad_grid_and_pass_through_flags(sweep):
     launch, tmp_path = sweep
     for argv in (["--grid", "seed=1"], ["--grid", "--x=1,2"]):
