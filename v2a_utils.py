@@ -75,6 +75,7 @@ def validate_args(args, variant_stages: dict, filtered: dict, backbone_errors: l
     stages, bench, runs = variant_stages[args.variant], args.bench > 0, [args.resume, args.reuse_stages]
     budgets = {1: ("repr-steps", args.repr_steps), 3: ("sql-steps", args.sql_steps), 4: ("info-steps", args.info_steps)}
     trained = [k for k in stages if k in budgets and (k != 4 or args.dynamics_score == "contrastive")]  # ot: no steps
+    sql_gamma, sql_tau = sql_discount(args)
     checks = [
         (not 0 <= args.seed < 2**31, f"--seed must lie in [0, 2^31), got {args.seed}"),
         (not 0 < args.xi <= 1 or (args.tradeoff is not None and not 0 <= args.tradeoff <= 1),
@@ -93,7 +94,7 @@ def validate_args(args, variant_stages: dict, filtered: dict, backbone_errors: l
         (not 0 < args.sql_alpha < math.inf, f"--sql-alpha must be finite and > 0, got {args.sql_alpha}"),
         (not 0 <= args.gamma <= 1 or not 0 < args.tau <= 1,
          f"--gamma must lie in [0, 1] and --tau in (0, 1]; got gamma {args.gamma}, tau {args.tau}"),
-        (not 0 <= sql_discount(args)[0] <= 1 or not 0 < sql_discount(args)[1] <= 1,
+        (not 0 <= sql_gamma <= 1 or not 0 < sql_tau <= 1,
          f"--sql-gamma must lie in [0, 1] and --sql-tau in (0, 1]; got {args.sql_gamma}, {args.sql_tau}"),
         *[(True, msg) for msg in backbone_errors],
         (args.bench < 0 or (bench and any(runs)), "--bench takes a number >= 0 and excludes --resume/--reuse-stages"),

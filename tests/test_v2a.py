@@ -581,8 +581,8 @@ def test_sql_gamma_keeps_stage_3_when_the_backbone_discount_changes(v2a_run, tin
     proc = run(script, cwd, *tiny_data["base_args"], *TINY_BUDGETS, "--gamma", "0.999", "--sql-gamma", "0.99",
                "--reuse-stages", run_dir, "--exp-name", "sqlgamma")
     assert all(f"[stage {k}] loaded" in proc.stdout for k in (1, 2, 3, 4)) and "[stage 3 SQL" not in proc.stdout
-    (new_run,) = glob.glob(os.path.join(cwd, "runs", "*__sqlgamma__*", "args.json"))
-    assert (json.load(open(new_run))["gamma"], json.load(open(new_run))["sql_gamma"]) == (0.999, 0.99)
+    (new_args,) = [json.load(open(p)) for p in glob.glob(os.path.join(cwd, "runs", "*__sqlgamma__*", "args.json"))]
+    assert (new_args["gamma"], new_args["sql_gamma"]) == (0.999, 0.99)
 
 
 def test_resume_and_reuse_stages(v2a_run, tiny_data):
