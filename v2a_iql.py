@@ -8,7 +8,6 @@ import os
 import random
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple, Optional
 
@@ -18,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import v2a_otdf as otdf
 import v2a_utils as utils
 from v2a_utils import Run, fail, optimize, split
 
@@ -27,14 +27,11 @@ PUBLISHED_TRADEOFF = {"v2a": 0.6, "dvdf": 0.7, "igdf": 1.0}  # lambda: docs/spec
 # the paper's six filtered rows: (--variant, --dynamics-score) -> name (run directories, results.json); §8, §10
 ROW_NAMES = {("igdf", "contrastive"): "igdf", ("dvdf", "contrastive"): "dvdf", ("v2a", "contrastive"): "v2a",
              ("igdf", "ot"): "otdf", ("dvdf", "ot"): "dvdf-otdf", ("v2a", "ot"): "v2a-otdf"}
-# OT score (OTDF, docs/specification.md §10): Sinkhorn threshold and iteration cap as OTDF, epsilon = OT_EPS x mean of the
-# max-scaled cost (ott-jax 0.4.5's default, which OTDF uses), OTDF's 10,000-row source chunks, a 5,000-row target subsample
-OT_THRESHOLD, OT_ITERS, OT_EPS, OT_CHUNK, OT_TARGET = 1e-9, 100, 0.05, 10_000, 5_000
 REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP, SQL_BATCH = 16, 200, 1e-3, 10.0, 256  # docs/specification.md §7.1
 PROBE_TRAJ = 500  # trajectories of the domain probe logged during stage 1 (repr/stage1_domain_probe_acc)
 # the constants that determined each stage's result, recorded in its checkpoint's key (v2a_utils.stage_keys)
 STAGE_CONSTANTS = {1: [REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP], 3: [SQL_BATCH],
-                   "ot": [OT_THRESHOLD, OT_ITERS, OT_EPS, OT_CHUNK, OT_TARGET]}
+                   "ot": [otdf.OT_THRESHOLD, otdf.OT_ITERS, otdf.OT_EPS, otdf.OT_CHUNK, otdf.OT_TARGET]}
 
 
 @dataclass
@@ -271,63 +268,6 @@ def awr_effective_fraction(u: torch.Tensor, beta: float, clip: float = 100.0) ->
     return w.sum() ** 2 / (len(w) * (w**2).sum())
 
 
-class TargetVAE(nn.Module):
-    """OTDF's model beta(a|s) of the target data's behaviour (Lyu et al. 2025): a conditional VAE, hidden 750, latent
-    2 d_a, encoder log-std clamped to [-4, 15], tanh decoder."""
-
-    def __init__(self, ds: int, da: int, hidden: int = 750):
-        super().__init__()
-        self.latent = 2 * da
-        self.encoder = mlp(ds + da, 2 * self.latent, hidden)  # [mean, log_std] of q(z|s,a)
-        self.decoder = nn.Sequential(*mlp(ds + self.latent, da, hidden), nn.Tanh())
-
-    def posterior(self, s: torch.Tensor, a: torch.Tensor):
-        mean, log_std = self.encoder(torch.cat([s, a], -1)).chunk(2, -1)
-        return mean, log_std.clamp(-4, 15).exp()
-
-    def loss(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """OTDF's VAE loss: squared reconstruction error + 0.5 KL(q(z|s,a) || N(0, I)), both means."""
-        mean, std = self.posterior(s, a)
-        recon = self.decoder(torch.cat([s, mean + std * torch.randn_like(std)], -1))
-        kl = -0.5 * (1 + 2 * std.log() - mean**2 - std**2).mean()
-        return F.mse_loss(recon, a) + 0.5 * kl
-
-    def log_beta(self, s: torch.Tensor, a: torch.Tensor, samples: int = 10, var: float = 0.1) -> torch.Tensor:
-        """OTDF's estimate of log beta(a|s): logsumexp over `samples` draws z ~ q(z|s,a) of log N(a; dec(s,z), var I)
-        (var = 0.4/4 as OTDF's; like OTDF's, no importance weights p(z)/q(z|s,a))."""
-        mean, std = self.posterior(s, a)
-        z = mean[:, None] + std[:, None] * torch.randn(len(s), samples, self.latent, device=s.device)
-        dec = self.decoder(torch.cat([s[:, None].expand(-1, samples, -1), z], -1))
-        log_p = (-((a[:, None] - dec) ** 2) / (2 * var) - 0.5 * math.log(2 * math.pi * var)).sum(-1)
-        return log_p.logsumexp(-1)
-
-
-def dataset_constraint_loss(vae: TargetVAE, s: torch.Tensor, actor_out: torch.Tensor, weight: float) -> torch.Tensor:
-    """OTDF's actor term -weight log beta(a_pi|s), a_pi a tanh-Gaussian sample of the actor. Divided by d_a: the AWR
-    loss here averages over the action dims where OTDF's sums them, so `weight` keeps OTDF's balance of the two."""
-    da = actor_out.shape[1] // 2
-    mean, log_std = actor_out[:, :da], actor_out[:, da:].clamp(-20, 2)
-    a_pi = torch.tanh(mean + log_std.exp() * torch.randn_like(mean))
-    return -weight / da * vae.log_beta(s, a_pi).mean()
-
-
-def fit_target_vae(run: Run) -> TargetVAE:
-    """OTDF's pretraining of beta: --vae-steps Adam steps (lr 1e-3) on batches of target rows; then frozen. A --resume
-    of stage 5 loads it from the stage-5 checkpoint instead."""
-    d, ds, da, dev = run.d, run.d["ds"], run.d["da"], run.dev
-    vae = TargetVAE(ds, da).to(dev)
-    if 5 not in run.loaded:
-        opt = run.adam(vae.parameters(), lr=1e-3)
-
-        def vae_step(i: int):
-            x = d["data"][d["n_src"] + torch.randint(d["n_tgt"], (run.args.batch_size,), device=dev)]
-            return optimize(opt, vae.loss(x[:, :ds], x[:, ds: ds + da]))[None]
-
-        run.train("stage 5 target VAE (OTDF's dataset constraint)", run.args.vae_steps, vae_step, ["losses/vae_loss"],
-                  run.args.log_freq, run.args.bench, 20)
-    return vae.requires_grad_(False)
-
-
 def backbone_errors(args: Args) -> list[str]:
     """The backbone's own flags, checked with all others before anything runs."""
     return [msg for bad, msg in [
@@ -362,62 +302,6 @@ def filter_scores(h: torch.Tensor, adv: torch.Tensor, tradeoff: float):
     lo, hi = adv.min(-1, keepdim=True).values, adv.max(-1, keepdim=True).values
     adv_norm = (adv - lo) / (hi - lo + 1e-8)
     return tradeoff * h + (1 - tradeoff) * adv_norm, adv_norm
-
-
-def ot_plan(src: torch.Tensor, tgt: torch.Tensor, iters: int = OT_ITERS):
-    """OTDF's OT problem (docs/specification.md §10) between source and target rows [s, a, s'], uniform weights: cosine
-    cost C = 1 - cos divided by its maximum, entropic regularisation epsilon = OT_EPS x mean C, POT's Sinkhorn for at
-    most `iters` iterations or until the marginal error is below OT_THRESHOLD. Returns (P, C). POT's last update is
-    that of the rows: every row of P sums to 1 / rows, the columns to about 1 / columns. Float32 kernel iterations
-    first (twice as fast; on Hopper the same scores to 2e-6); where exp(-C / epsilon) leaves float32's range, float64,
-    then POT's log-domain solver (slow, never underflows)."""
-    for backend in ("JAX", "CUPY", "TENSORFLOW"):  # only POT's torch backend is used; importing JAX's would take most
-        os.environ.setdefault(f"POT_BACKEND_DISABLE_{backend}", "1")  # of the GPU's memory (JAX preallocates 75 %)
-    try:
-        import ot  # POT, Python Optimal Transport (requirements.txt); imported here: only this stage needs it
-    except ImportError as e:
-        fail(f"--dynamics-score ot needs POT ({utils.one_line(e)}): pip install pot==0.9.7.post1")
-    for dtype, method in ((torch.float32, "sinkhorn"), (torch.float64, "sinkhorn"), (torch.float64, "sinkhorn_log")):
-        cost = 1.0 - F.normalize(src.to(dtype), dim=1, eps=1e-8) @ F.normalize(tgt.to(dtype), dim=1, eps=1e-8).T
-        cost /= cost.max().clamp(min=1e-12)
-        a, b = (torch.full((n,), 1.0 / n, dtype=dtype, device=src.device) for n in cost.shape)
-        with warnings.catch_warnings(record=True) as caught:  # POT warns, and returns a stale plan, on overflow
-            warnings.simplefilter("always")
-            plan = ot.sinkhorn(a, b, cost, float(OT_EPS * cost.mean()), method=method, numItermax=iters,
-                               stopThr=OT_THRESHOLD, warn=False)
-        if (not any("numerical errors" in str(w.message) for w in caught) and plan.isfinite().all()
-                and torch.allclose(plan.sum(1), a, rtol=1e-3)):
-            return plan, cost
-    fail(f"the Sinkhorn solver failed on {len(src)} source x {len(tgt)} target rows (numerical errors)")
-
-
-def ot_scores(src: torch.Tensor, tgt: torch.Tensor, seed: int, chunk: int = OT_CHUNK, n_target: int = OT_TARGET,
-              iters: int = OT_ITERS) -> torch.Tensor:
-    """Stage 4 with --dynamics-score ot (docs/specification.md §10, OTDF): the OT score of every source row [s, a, s'].
-    The source rows, in a random order, are cut into chunks of about `chunk` rows; each chunk is matched to one fixed
-    random subsample of `n_target` target rows (all of them if fewer) by ot_plan. A row's score is
-    c_i = -sum_j P_ij C_ij times the chunk's row count: minus the mean (max-scaled) cost of the row's transport, in
-    [-1, 0], comparable across chunks of unequal size. Returns float32 scores [N_src]."""
-    gen = torch.Generator().manual_seed(seed)  # its own RNG: the same scores whichever stages ran before
-    if len(tgt) > n_target:
-        tgt = tgt[torch.randperm(len(tgt), generator=gen)[:n_target].to(tgt.device)]
-    scores = torch.empty(len(src), dtype=torch.float64, device=src.device)
-    order = torch.randperm(len(src), generator=gen).to(src.device)  # each chunk: a sample of the whole mixture
-    chunks, t0 = order.tensor_split(max(1, round(len(src) / chunk))), time.time()
-    for k, idx in enumerate(chunks, 1):
-        plan, cost = ot_plan(src[idx], tgt, iters)
-        scores[idx] = -(plan * cost).sum(1).double() * len(idx)
-        if k % 10 == 0 and k < len(chunks):  # progress: the stage takes minutes on a CPU
-            print(f"[stage 4 OT score] chunk {k}/{len(chunks)}  ETA {(time.time() - t0) / k * (len(chunks) - k) / 60:.1f} "
-                  f"min", flush=True)
-    return scores.float()
-
-
-def ot_batch_norm(c: torch.Tensor) -> torch.Tensor:
-    """§10 (OTDF): the OT score of a batch (last dim) as (c - max c) / (max c - min c), in [-1, 0]; the filter and the
-    weight min(exp(.), 100) use it where they use h."""
-    lo, hi = c.min(-1, keepdim=True).values, c.max(-1, keepdim=True).values
-    return (c - hi) / (hi - lo + 1e-8)
 
 
 def kept_count(batch: int, xi: float) -> int:
@@ -566,7 +450,7 @@ def train_advantage(run: Run, z_traj: torch.Tensor) -> tuple[EnsembleMLP, nn.Mod
 def train_dynamics_score(run: Run) -> tuple[nn.Module, nn.Module, Optional[torch.Tensor]]:
     """contrastive (eq. 5.4): binary NCE with target (s,a,s') positives and B-1 source next-state negatives, B x B
     logits from one matmul, 7000 steps; h = cos(phi(s,a), psi(s')). ot (§10, OTDF): the OT score c of every source row
-    against the target rows, computed once (ot_scores). Returns phi, psi and the OT scores (None: contrastive)."""
+    against the target rows, computed once (otdf.ot_scores). Returns phi, psi and the OT scores (None: contrastive)."""
     args, d, dev, B = run.args, run.d, run.dev, run.args.batch_size
     data, ds, da, Ns, Nt = d["data"], d["ds"], d["da"], d["n_src"], d["n_tgt"]
     phi, psi = mlp(ds + da, 64).to(dev), mlp(ds, 64).to(dev)
@@ -579,14 +463,14 @@ def train_dynamics_score(run: Run) -> tuple[nn.Module, nn.Module, Optional[torch
                 fail(f"stage4.pt holds OT scores of {ck['c_src'].shape[0]} source rows, but the source data has {Ns}")
             return phi, psi, ck["c_src"]
         rows = lambda x: torch.cat([x[:, : ds + da], split(x, ds, da)[3]], 1)  # [s, a, s']
-        ot_stage = lambda src: ot_scores(rows(src), rows(data[Ns:]), args.seed)
+        ot_stage = lambda src: otdf.ot_scores(rows(src), rows(data[Ns:]), args.seed)
         if run.bench:
-            n = min(Ns, OT_CHUNK)  # one chunk per step: the stage takes about Ns / OT_CHUNK of them
+            n = min(Ns, otdf.OT_CHUNK)  # one chunk per step: the stage takes about Ns / OT_CHUNK of them
             utils.bench_stage(f"stage 4 OT score of one {n}-row chunk", lambda i: ot_stage(data[:n])[:1], 2, 1, run.mm_rate)
             return phi, psi, None
         t0 = time.time()
         c_src = ot_stage(data[:Ns])
-        print(f"[stage 4 OT score] {Ns} source rows against {min(Nt, OT_TARGET)} of {Nt} target rows in "
+        print(f"[stage 4 OT score] {Ns} source rows against {min(Nt, otdf.OT_TARGET)} of {Nt} target rows in "
               f"{time.time() - t0:.1f} s", flush=True)
         run.save(4, c_src=c_src)
         utils.score_diagnostics(c_src, d, run.writer)
@@ -611,7 +495,7 @@ def train_dynamics_score(run: Run) -> tuple[nn.Module, nn.Module, Optional[torch
 class SourceFilter(NamedTuple):
     """Keep the top n = max(1, min(B, floor(xi B))) of B source samples by f = lambda h + (1 - lambda) minmax(A);
     w = min(exp(h), 100) on kept source rows, 1 on the B target rows. With the OT score, h is the batch's c normalised
-    as OTDF does (ot_batch_norm, §10). h and A of every source row are computed once (score_sources)."""
+    as OTDF does (otdf.ot_batch_norm, §10). h and A of every source row are computed once (score_sources)."""
 
     h_src: torch.Tensor
     adv_src: torch.Tensor
@@ -622,7 +506,7 @@ class SourceFilter(NamedTuple):
     def scores(self, idx: torch.Tensor):
         """h (per-batch normalised for OT) and A of source rows idx [..., B]."""
         h = self.h_src[idx]
-        return ot_batch_norm(h) if self.ot else h, self.adv_src[idx]
+        return otdf.ot_batch_norm(h) if self.ot else h, self.adv_src[idx]
 
 
 @torch.no_grad()
@@ -688,7 +572,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     annealed lr). The tanh-Gaussian actor outputs [mean, log_std]; its squared-error loss and the evaluation use
     tanh(mean) only. `batch()` draws (D', w)."""
     args, dev, ds, da = run.args, run.dev, run.d["ds"], run.d["da"]
-    vae = fit_target_vae(run) if args.dataset_constraint > 0 else None
+    vae = otdf.fit_target_vae(run) if args.dataset_constraint > 0 else None
     actor, qf, vf = mlp(ds, 2 * da).to(dev), EnsembleMLP(2, ds + da, 1).to(dev), mlp(ds, 1).to(dev)
     qf_t = copy.deepcopy(qf).requires_grad_(False)
     # the actor's lr is a tensor, so the cosine schedule changes a value, not the compiled code
@@ -697,9 +581,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         for net in (vf, qf, actor)]
     scheds = []  # --actor-schedule constant: the actor's lr stays
     if args.actor_schedule == "cosine":
-        scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, T_max=args.total_steps))
-    # adam_step_ takes the place of actor_opt.step(), which the scheduler would otherwise expect to see called first
-    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+        scheds.append(utils.cosine_lr(actor_opt, args.total_steps))
 
     def v_loss(vf_params: dict, x: torch.Tensor):
         with torch.no_grad():
@@ -716,7 +598,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         actor_out = functional_call(actor, actor_params, s)
         actor_loss = awr_actor_loss(actor_out[:, :da], a, u, args.temperature, args.awr_clip)
         if vae is not None:
-            actor_loss = actor_loss + dataset_constraint_loss(vae, s, actor_out, args.dataset_constraint)
+            actor_loss = actor_loss + otdf.dataset_constraint_loss(vae, s, actor_out, args.dataset_constraint)
         qf_loss = td_loss(functional_call(qf, qf_params, x[:, : ds + da]).squeeze(-1), y, w)
         # one gradient of the sum: the two losses share no parameter, so each network gets exactly its own gradient
         return qf_loss + actor_loss, (qf_loss.detach(), actor_loss.detach())

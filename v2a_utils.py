@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -414,6 +415,13 @@ def init_adam_state(opt: torch.optim.Adam) -> torch.optim.Adam:
         opt.state[p] = {"step": torch.zeros((), device=p.device), "exp_avg": torch.zeros_like(p),
                         "exp_avg_sq": torch.zeros_like(p)}
     return opt
+
+
+def cosine_lr(opt: torch.optim.Adam, steps: int) -> torch.optim.lr_scheduler.CosineAnnealingLR:
+    """The learning rate of `opt` cosine-annealed to 0 over `steps` scheduler steps (IQL's actor). adam_step_ takes
+    the place of opt.step(), which the scheduler expects to see called before its first step: that warning is moot."""
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
 
 
 @torch.no_grad()

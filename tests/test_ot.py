@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import validate_args  # noqa: E402
 
 import v2a_iql as v  # noqa: E402
+import v2a_otdf as otdf  # noqa: E402
 import v2a_utils  # noqa: E402
 
 OT_ROWS = {"otdf": "igdf", "dvdf-otdf": "dvdf", "v2a-otdf": "v2a"}  # row -> --variant (with --dynamics-score ot)
@@ -38,7 +39,7 @@ def test_ot_score_prefers_a_source_point_on_the_target():
     (cosine cost 1 to all of them): the first scores higher, and the scores lie in [-1, 0]."""
     tgt = torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [1.0, 0.1, 0.0], [1.0, 0.0, 0.1]])
     src = torch.tensor([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    c = v.ot_scores(src, tgt, seed=0)
+    c = otdf.ot_scores(src, tgt, seed=0)
     assert c[0] > c[1] and -1.0 <= c.min() and c.max() <= 0.0
     assert c[1] < -0.9 and c[0] > -0.01  # its mass goes at (scaled) costs 0.9 to 1; the other's at about 0
 
@@ -46,7 +47,7 @@ def test_ot_score_prefers_a_source_point_on_the_target():
 def test_ot_plan_marginals_are_uniform():
     torch.manual_seed(0)
     src, tgt = torch.randn(30, 5), torch.randn(20, 5) + 0.5
-    plan, cost = v.ot_plan(src, tgt)
+    plan, cost = otdf.ot_plan(src, tgt)
     assert plan.shape == (30, 20) and (plan >= 0).all() and cost.max().item() == pytest.approx(1.0)
     assert plan.dtype == torch.float32  # the fast path: this problem fits float32's range
     assert torch.allclose(plan.sum(1), torch.full((30,), 1 / 30), rtol=1e-5)  # the rows: exact up to float32 rounding
@@ -59,15 +60,15 @@ def test_ot_plan_survives_an_outlier():
     g = torch.Generator().manual_seed(0)
     tgt = torch.tensor([1.0, 0, 0]) + 1e-3 * torch.randn(50, 3, generator=g)
     src = torch.cat([torch.tensor([1.0, 0, 0]) + 1e-3 * torch.randn(50, 3, generator=g), torch.tensor([[-1.0, 0, 0]])])
-    plan, _ = v.ot_plan(src, tgt)
+    plan, _ = otdf.ot_plan(src, tgt)
     assert torch.allclose(plan.sum(1) * 51, torch.ones(51, dtype=plan.dtype), rtol=1e-6)
-    c = v.ot_scores(src, tgt, seed=0)
+    c = otdf.ot_scores(src, tgt, seed=0)
     assert c[-1].item() == pytest.approx(-1.0, abs=1e-3) and c[:-1].min() > -1e-3
 
 
 def test_ot_batch_norm():
     c = torch.tensor([[-0.5, -0.2, -0.3], [1.0, 3.0, 2.0]])
-    assert torch.allclose(v.ot_batch_norm(c), torch.tensor([[-1.0, 0.0, -1 / 3], [-1.0, 0.0, -0.5]]), atol=1e-6)
+    assert torch.allclose(otdf.ot_batch_norm(c), torch.tensor([[-1.0, 0.0, -1 / 3], [-1.0, 0.0, -0.5]]), atol=1e-6)
 
 
 def test_chunked_subsampled_scores_agree_with_exact():
@@ -78,10 +79,10 @@ def test_chunked_subsampled_scores_agree_with_exact():
     tgt = centre + 0.3 * torch.randn(400, 4, generator=g)
     src = torch.cat([centre + shift + 0.3 * torch.randn(300, 4, generator=g)
                      for shift in (torch.zeros(4), torch.tensor([0.0, 1.0, 1.0, 0.0]), torch.tensor([-2.0, 0, 2, 0]))])
-    exact = v.ot_scores(src, tgt, seed=0, chunk=len(src), n_target=len(tgt))
-    approx = v.ot_scores(src, tgt, seed=1, chunk=len(src) // 4, n_target=len(tgt) // 2)
+    exact = otdf.ot_scores(src, tgt, seed=0, chunk=len(src), n_target=len(tgt))
+    approx = otdf.ot_scores(src, tgt, seed=1, chunk=len(src) // 4, n_target=len(tgt) // 2)
     assert spearman(exact, approx) > 0.95
-    assert torch.equal(approx, v.ot_scores(src, tgt, seed=1, chunk=len(src) // 4, n_target=len(tgt) // 2))
+    assert torch.equal(approx, otdf.ot_scores(src, tgt, seed=1, chunk=len(src) // 4, n_target=len(tgt) // 2))
     means = [approx[k * 300:(k + 1) * 300].mean() for k in range(3)]
     assert means[0] > means[1] > means[2]  # the score ranks the clusters by their distance to the target
 
@@ -122,8 +123,8 @@ def test_ot_cuda_path(tiny_data, tmp_path):
     from test_v2a import TINY_BUDGETS, run
     gen = torch.Generator().manual_seed(0)
     src, tgt = torch.randn(3000, 8, generator=gen), torch.randn(1000, 8, generator=gen) + 0.5
-    on_cpu = v.ot_scores(src, tgt, seed=0, chunk=1000, n_target=500)
-    on_gpu = v.ot_scores(src.cuda(), tgt.cuda(), seed=0, chunk=1000, n_target=500)
+    on_cpu = otdf.ot_scores(src, tgt, seed=0, chunk=1000, n_target=500)
+    on_gpu = otdf.ot_scores(src.cuda(), tgt.cuda(), seed=0, chunk=1000, n_target=500)
     assert on_gpu.is_cuda and torch.allclose(on_cpu, on_gpu.cpu(), atol=1e-4)
     proc = run("v2a_iql", tmp_path, *tiny_data["base_args"], *TINY_BUDGETS, "--variant", "v2a", "--dynamics-score", "ot",
                "--dataset-constraint", "0.5", "--vae-steps", "30", "--cuda", "--compile")
@@ -146,7 +147,7 @@ def test_ot_score_flag_needs_a_filtered_variant(tiny_data, tmp_path, monkeypatch
 def test_target_vae_log_beta_by_hand():
     """With a decoder that outputs the constant c, log beta(a|s) = log(samples) + sum_d log N(a_d; c_d, 0.1)."""
     torch.manual_seed(0)
-    vae = v.TargetVAE(3, 2, hidden=8)
+    vae = otdf.TargetVAE(3, 2, hidden=8)
     last = vae.decoder[-2]
     torch.nn.init.zeros_(last.weight)
     last.bias.data = torch.tensor([0.3, -0.2])  # the decoder outputs tanh(bias) whatever s and z
@@ -161,7 +162,7 @@ def test_dataset_constraint_pulls_the_actor_to_the_target_behaviour():
     torch.manual_seed(0)
     s = torch.randn(2048, 5)
     a = 0.5 * torch.tanh(s[:, :2])
-    vae = v.TargetVAE(5, 2, hidden=64)
+    vae = otdf.TargetVAE(5, 2, hidden=64)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     for _ in range(1500):
         rows = torch.randint(len(s), (128,))
@@ -170,7 +171,7 @@ def test_dataset_constraint_pulls_the_actor_to_the_target_behaviour():
     s, a = s[:512], a[:512]
     assert (vae.log_beta(s, a) > vae.log_beta(s, -a)).float().mean() > 0.95
     mean = torch.zeros(len(s), 2, requires_grad=True)  # the actor's tanh(mean) is 0, with a tiny std
-    v.dataset_constraint_loss(vae, s, torch.cat([mean, torch.full_like(mean, -8.0)], 1), 0.5).backward()
+    otdf.dataset_constraint_loss(vae, s, torch.cat([mean, torch.full_like(mean, -8.0)], 1), 0.5).backward()
     clear = a.abs() > 0.1  # a descent step on the loss moves tanh(mean) toward a
     assert (torch.sign(-mean.grad[clear]) == torch.sign(a[clear])).float().mean() > 0.9
 
@@ -208,10 +209,10 @@ def test_dataset_constraint_end_to_end_and_resume(tiny_data, tmp_path, monkeypat
 
 # ---- the agreement check on the default Hopper data (a script, not a test: minutes of CPU, 8 GB of memory) ---------------
 @torch.no_grad()
-def lean_ot_scores(src: torch.Tensor, tgt: torch.Tensor, iters: int = v.OT_ITERS, block: int = 500) -> torch.Tensor:
-    """v.ot_plan's problem and POT's Sinkhorn iterations (u = a / K v after v = b / K^T u, marginal error every 10th),
+def lean_ot_scores(src: torch.Tensor, tgt: torch.Tensor, iters: int = otdf.OT_ITERS, block: int = 500) -> torch.Tensor:
+    """otdf.ot_plan's problem and POT's Sinkhorn iterations (u = a / K v after v = b / K^T u, marginal error every 10th),
     holding only K (float64) in memory: for one source chunk against all target rows, where POT's copies of the
-    matrix would not fit. Returns c_i = -n sum_j P_ij C_ij, as v.ot_scores."""
+    matrix would not fit. Returns c_i = -n sum_j P_ij C_ij, as otdf.ot_scores."""
     unit = lambda x: torch.nn.functional.normalize(x.double(), dim=1, eps=1e-8)
     xs, xt = unit(src), unit(tgt)
     n, m = len(xs), len(xt)
@@ -221,14 +222,14 @@ def lean_ot_scores(src: torch.Tensor, tgt: torch.Tensor, iters: int = v.OT_ITERS
     K.neg_().add_(1.0)  # the cost
     scale = K.max().item()
     K.div_(scale)
-    eps = v.OT_EPS * K.mean().item()
+    eps = otdf.OT_EPS * K.mean().item()
     K.div_(-eps).exp_()
     a, b = torch.full((n,), 1.0 / n, dtype=torch.float64), torch.full((m,), 1.0 / m, dtype=torch.float64)
     u, vv = a.clone(), b.clone()
     for it in range(iters):
         vv = b / (K.T @ u)
         u = a / (K @ vv)
-        if it % 10 == 0 and torch.linalg.vector_norm(vv * (K.T @ u) - b) < v.OT_THRESHOLD:
+        if it % 10 == 0 and torch.linalg.vector_norm(vv * (K.T @ u) - b) < otdf.OT_THRESHOLD:
             break
     out = torch.empty(n, dtype=torch.float64)
     for i in range(0, n, block):
@@ -249,9 +250,10 @@ def agreement(rows: int = 10_000, seed: int = 0):
     rows_of = lambda x: torch.cat([x[:, : ds + da], x[:, ds + da + 1 : 2 * ds + da + 1]], 1)
     pick = torch.randperm(Ns, generator=torch.Generator().manual_seed(seed))[:rows]
     src, tgt = rows_of(data[pick]), rows_of(data[Ns:])
-    small = v.ot_scores(src[:2000], tgt, seed, chunk=2000)  # the lean solver is POT's algorithm: same scores
-    sub = tgt[torch.randperm(len(tgt), generator=torch.Generator().manual_seed(seed))[: v.OT_TARGET]]
-    print(f"lean solver vs POT (2000 x {v.OT_TARGET}): max |diff| {(lean_ot_scores(src[:2000], sub) - small).abs().max():.2e}")
+    small = otdf.ot_scores(src[:2000], tgt, seed, chunk=2000)  # the lean solver is POT's algorithm: same scores
+    sub = tgt[torch.randperm(len(tgt), generator=torch.Generator().manual_seed(seed))[: otdf.OT_TARGET]]
+    diff = (lean_ot_scores(src[:2000], sub) - small).abs().max()
+    print(f"lean solver vs POT (2000 x {otdf.OT_TARGET}): max |diff| {diff:.2e}")
     t0 = time.time()
     exact = lean_ot_scores(src, tgt)
     print(f"exact ({rows} x {len(tgt)} target rows): {time.time() - t0:.0f} s", flush=True)
@@ -259,9 +261,9 @@ def agreement(rows: int = 10_000, seed: int = 0):
     for name, kw in {"subsample": dict(chunk=rows), "subsample + 4 chunks": dict(chunk=rows // 4),
                      "subsample, other seed": dict(chunk=rows, seed=seed + 1)}.items():
         t0 = time.time()
-        approx[name] = v.ot_scores(src, tgt, **{"seed": seed, **kw})
+        approx[name] = otdf.ot_scores(src, tgt, **{"seed": seed, **kw})
         out[name] = spearman(exact, approx[name])
-        print(f"{name} ({v.OT_TARGET} target rows): Spearman {out[name]:.4f} ({time.time() - t0:.0f} s)", flush=True)
+        print(f"{name} ({otdf.OT_TARGET} target rows): Spearman {out[name]:.4f} ({time.time() - t0:.0f} s)", flush=True)
     dom = d["dom"][d["traj_id"][pick]]
     for k, name in enumerate(d["dom_names"]):
         print(f"  {name}: mean score exact {exact[dom == k].mean():.4f}, subsample {approx['subsample'][dom == k].mean():.4f}")
