@@ -25,6 +25,8 @@ from typing import Optional
 import numpy as np
 import tyro
 
+from data_gen_parent import pid_alive
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ["v2a", "dvdf", "igdf", "merged", "target"]
 DATA_FLAGS = ("env-id", "source", "source-size", "target-size")  # the flags that name the datasets (data_gen.py)
@@ -214,20 +216,6 @@ def exported_done(spec: dict) -> bool:
               f"({' '.join(record.get('spec', {}).get('argv', []))}); training the run again overwrites it", flush=True)
         return False
     return reached_total(spec, res)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed process that nobody has reaped yet (a zombie) answers the signal too
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def machine() -> dict:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from data_gen_parent import parent_now, tie_to_parent
+from data_gen_parent import parent_now, pid_alive, tie_to_parent
 
 # Who started this process, read before the imports below take their second or two: tie_to_parent() needs the parent as
 # it was then (one killed meanwhile is gone from /proc, and this process has a new parent).
@@ -560,20 +560,6 @@ def generation_lock(root: str):
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a killed, not yet reaped process is dead
-    except (OSError, IndexError):
-        return True
 
 
 def remove_stale_staging(root: str):

@@ -1,7 +1,8 @@
 # The tie of a data_gen.py process to the program that started it (docs/data_gen.md, "Started by a training script"):
 # data_gen.py reads its parent first thing at import (parent_now, before its slower imports) and, run as a script, calls
 # tie_to_parent, so that a training script killed by SIGKILL leaves no data_gen.py behind. Standard library only: the
-# training scripts and the shifted envs' entry point import data_gen, and this with it.
+# training scripts and the shifted envs' entry point import data_gen, and this with it. pid_alive also serves
+# benchmark.py's run locks.
 import ctypes
 import os
 import signal
@@ -34,3 +35,18 @@ def tie_to_parent(parent_pid: int, parent_exe: str) -> bool:
     if os.getppid() != parent_pid:  # the parent died before prctl (its signal came too early): stop now
         os.kill(os.getpid(), signal.SIGTERM)
     return True
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs: a staging folder's (data_gen.py) or a run lock's (benchmark.py) owner."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process that nobody has reaped yet (a zombie) answers the signal too
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
