@@ -444,25 +444,45 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[tuple[str, str
     first = {}
     for r in sorted(runs, key=lambda r: r["seed"]):
         first.setdefault(r["method"], r)
+    def read_z(r: dict):
+        with open(os.path.join(r["dir"], "z_pca.csv")) as fh:
+            head, *rows = list(csv.reader(fh))
+        return np.array([[float(a), float(b)] for a, b, *_ in rows]), rows, [float(h.split("=")[1]) for h in head[4:6]]
+
     v2a = [r for m, r in first.items() if m.split(" ")[0] == "v2a" and os.path.exists(os.path.join(r["dir"], "z_pca.csv"))]
+    sample = "a balanced subsample of up to 1,000 trajectories per domain"
     if v2a:
         r = v2a[0]
-        with open(os.path.join(r["dir"], "z_pca.csv")) as fh:
-            rows = list(csv.reader(fh))
-        head, rows = rows[0], rows[1:]
-        xy = np.array([[float(a), float(b)] for a, b, *_ in rows])
+        xy, rows, var = read_z(r)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
         for ax, col, what in zip(axes, (2, 3), ("domain", "quality")):
             for lab in sorted({row[col] for row in rows}):
                 sel = np.array([row[col] == lab for row in rows])
                 ax.scatter(xy[sel, 0], xy[sel, 1], s=4, alpha=0.6, label=lab)
-            var = [float(h.split("=")[1]) for h in head[4:6]]
             ax.set(title=f"z of source trajectories by {what} ({r['method']}, seed {r['seed']})",
                    xlabel=f"PC1 ({100 * var[0]:.0f} % of the variance)", ylabel=f"PC2 ({100 * var[1]:.0f} %)")
             ax.legend(fontsize=8, markerscale=3)
         save(fig, "z", "The modality latent z (the posterior mean of each source trajectory, stage 2's "
-             "relabelling; first two principal components), coloured by domain and by behaviour quality (as in "
-             "the paper's Fig. 2).")
+             f"relabelling, {sample}; first two principal components), coloured by domain and by behaviour quality "
+             "(as in the paper's Fig. 2).")
+    seeds = [q for q in sorted(runs, key=lambda q: q["seed"])
+             if v2a and q["method"] == v2a[0]["method"] and os.path.exists(os.path.join(q["dir"], "z_pca.csv"))]
+    if len(seeds) > 1:  # the same picture for every seed: does the structure hold beyond the first?
+        cols = min(5, len(seeds))
+        fig, axes = plt.subplots(-(-len(seeds) // cols), cols, figsize=(3.4 * cols, 3.2 * -(-len(seeds) // cols)),
+                                 squeeze=False)
+        groups = sorted({(row[2], row[3]) for q in seeds for row in read_z(q)[1]})
+        for ax, q in zip(axes.flat, seeds):
+            xy, rows, var = read_z(q)
+            for k, group in enumerate(groups):
+                sel = np.array([(row[2], row[3]) == group for row in rows])
+                ax.scatter(xy[sel, 0], xy[sel, 1], s=3, alpha=0.6, color=f"C{k}", label=" ".join(group))
+            ax.set(title=f"seed {q['seed']}", xlabel=f"PC1 ({100 * var[0]:.0f} %)", ylabel=f"PC2 ({100 * var[1]:.0f} %)")
+        for ax in axes.flat[len(seeds):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7, markerscale=3)
+        save(fig, "zseeds", f"z as above for each of the {len(seeds)} seeds of {seeds[0]['method']} ({sample}), coloured by "
+             "domain × quality; each seed's own principal components, so axes and signs differ between panels.")
     adv = [r for m, r in first.items()
            if m.split(" ")[0] in ("v2a", "dvdf") and os.path.exists(os.path.join(r["dir"], "adv_hist.csv"))]
     if adv:

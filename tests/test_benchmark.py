@@ -384,10 +384,11 @@ def test_report_statistics_and_verdict_rule(tmp_path):
     assert "V2A ends above DVDF in 5 of 8 seeds." in md and "TODO (lead)" not in md
     pngs = sorted(os.listdir(tmp_path / "docs" / "results" / "fx"))
     assert pngs == [f"{n}_Hopper-v4_iql_t100000.png" for n in ("adv", "curves", "intervals", "kept", "poi", "scores",
-                                                                  "stage1", "values", "z")]
+                                                                  "stage1", "values", "z", "zseeds")]
     # every figure is followed by its caption
     assert all(f"(fx/{p})\n\n*" in md for p in pngs)
     assert "the largest spike of a seed is 3.0× the median of its neighbours (8 of 8 seeds" in md  # read off the curves
+    assert "z as above for each of the 8 seeds of v2a" in md
 
 
 def test_report_evaluation_noise_table(tmp_path):
