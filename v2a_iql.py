@@ -324,7 +324,9 @@ def train_encoder(run: Run) -> Optional[TrajectoryEncoder]:
     frozen. 16 trajectories per iteration, random 200-step crops. None for variants without z."""
     args, d, dev = run.args, run.d, run.dev
     data, ds, da, n_traj = d["data"], d["ds"], d["da"], len(d["traj_len"])
-    # every stage creates its networks whatever the variant: a seed gives each network the same start in every variant
+    # every stage creates its networks whatever the variant, so variants that train nothing before a stage start its
+    # networks alike (merged, target and bc share stage 5's start); a stage that trains draws from the random stream,
+    # so the networks made after it start elsewhere: across variants of one seed, stages 3-5 are not paired
     encoder = TrajectoryEncoder(2 * ds + da, args.z_dim).to(dev)
     decoder = EnsembleMLP(3, ds + da + args.z_dim, ds, decoder_init=True).to(dev)
     if 1 not in run.stages:
