@@ -465,15 +465,16 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[tuple[str, str
         save(fig, "z", "The modality latent z (the posterior mean of each source trajectory, stage 2's "
              f"relabelling, {sample}; first two principal components), coloured by domain and by behaviour quality "
              "(as in the paper's Fig. 2).")
+    z_method = v2a[0]["method"] if v2a else None
     seeds = [q for q in sorted(runs, key=lambda q: q["seed"])
-             if v2a and q["method"] == v2a[0]["method"] and os.path.exists(os.path.join(q["dir"], "z_pca.csv"))]
+             if q["method"] == z_method and os.path.exists(os.path.join(q["dir"], "z_pca.csv"))]
     if len(seeds) > 1:  # the same picture for every seed: does the structure hold beyond the first?
+        zs = [read_z(q) for q in seeds]
         cols = min(5, len(seeds))
-        fig, axes = plt.subplots(-(-len(seeds) // cols), cols, figsize=(3.4 * cols, 3.2 * -(-len(seeds) // cols)),
-                                 squeeze=False)
-        groups = sorted({(row[2], row[3]) for q in seeds for row in read_z(q)[1]})
-        for ax, q in zip(axes.flat, seeds):
-            xy, rows, var = read_z(q)
+        nrows = -(-len(seeds) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 3.2 * nrows), squeeze=False)
+        groups = sorted({(row[2], row[3]) for _, rows, _ in zs for row in rows})
+        for ax, q, (xy, rows, var) in zip(axes.flat, seeds, zs):
             for k, group in enumerate(groups):
                 sel = np.array([(row[2], row[3]) == group for row in rows])
                 ax.scatter(xy[sel, 0], xy[sel, 1], s=3, alpha=0.6, color=f"C{k}", label=" ".join(group))
