@@ -693,7 +693,8 @@ def setup(args: Args) -> Run:
     keys = utils.stage_keys(args, d["records"], stages, SCRIPT, STAGE_CONSTANTS)
     return utils.start_run(args, SCRIPT, d, dev, stages, keys, row_name(args),
                            dict(resolved_tradeoff=tradeoff(args), kept_per_step=kept_count(args.batch_size, args.xi),
-                                target_data_normalized_score=utils.data_level(d), stage5_data=d["stage5_stats"]))
+                                target_data_normalized_score=utils.data_level(d), stage5_data=d["stage5_stats"]),
+                           crop_steps=REPR_BATCH * d["traj_len"].clamp(max=REPR_CROP).float().mean().item())
 
 
 def main(args: Args):

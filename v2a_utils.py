@@ -580,10 +580,12 @@ class Run:
         return True
 
 
-def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys: dict, row: str, hparams: dict) -> Run:
+def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys: dict, row: str, hparams: dict,
+              crop_steps: float) -> Run:
     """The checkpoints this run continues from (each checked against its stage key before anything is written), then
     the run directory runs/<env>__<exp>__<row>__<seed>__<time> (or --resume's; a temporary one under --bench), its
-    TensorBoard writer and args.json: the flags, `hparams` and the datasets' generation records."""
+    TensorBoard writer and args.json: the flags, `hparams` and the datasets' generation records. `crop_steps`: the
+    mean trajectory steps of a TC-ELBO iteration, for the time estimate."""
     bench = args.bench > 0
     mm_rate = matmul_rate(dev) if bench else 0.0
     if bench:
@@ -617,7 +619,7 @@ def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys
     if not bench:
         command = resume_command(script, run_dir)
         print(f"run folder: {run_dir}; if it stops, continue it with: {command}", flush=True)
-        print(estimate(args, script, stages, loaded, dev), flush=True)
+        print(estimate(args, script, stages, loaded, dev, crop_steps), flush=True)
         stop_with_resume_command(command)
     return Run(args, d, dev, run_dir, writer, keys, loaded, stages, row, mm_rate)
 
@@ -641,18 +643,22 @@ def stop_with_resume_command(command: str):
 
 
 # Rough rates of the stages on the 2-core CPU of the docs, one thread, another run on the other core, read off the
-# README's reduced-budget runs and docs/speed.md. Stage 1's depends on the robot: the GRU skips the steps after an
-# episode's end, and Hopper's and Ant's random data hold many short episodes. Stage 5's include its evaluations.
-CPU_RATES = dict(tc_elbo={"Hopper": 10.0, "Walker2d": 4.0, "HalfCheetah": 1.8, "Ant": 7.5}, sql=100.0, info=200.0,
+# README's reduced-budget runs and docs/speed.md. Stage 1's are trajectory steps per second: the GRU and the decoder
+# skip the padding after an episode's end, so an iteration costs the summed lengths of its crops (many short random
+# episodes: cheap; the crossed mixture's long ones: 3.5x Hopper's default). The rates are the iterations/s measured on
+# each robot's default mixture times its crop steps per iteration. Stage 5's include its evaluations.
+CPU_RATES = dict(tc_elbo={"Hopper": 9000.0, "Walker2d": 4900.0, "HalfCheetah": 5800.0, "Ant": 4800.0}, sql=100.0, info=200.0,
                  ot_seconds_per_million_rows=350.0, vae=40.0, stage5={"v2a_iql.py": 200.0, "v2a_td3bc.py": 240.0},
                  stage5_dataset_constraint=8.6)
 
 
-def estimate(args, script: str, stages: tuple, loaded: dict, dev: torch.device) -> str:
-    """One line: the time that the stages this process trains will take at CPU_RATES, from the flags' budgets."""
+def estimate(args, script: str, stages: tuple, loaded: dict, dev: torch.device, crop_steps: float) -> str:
+    """One line: the time that the stages this process trains will take at CPU_RATES, from the flags' budgets and
+    `crop_steps`, the mean trajectory steps of one TC-ELBO iteration on these data."""
     r, constraint = CPU_RATES, getattr(args, "dataset_constraint", 0.0) > 0  # an IQL-only flag
     start = loaded[5][1]["step"] if 5 in loaded else 0
-    seconds = {1: args.repr_steps / r["tc_elbo"].get(data_gen.robot_of(args.env_id), 10.0), 3: args.sql_steps / r["sql"],
+    stage1_rate = r["tc_elbo"].get(data_gen.robot_of(args.env_id), 5000.0) / crop_steps
+    seconds = {1: args.repr_steps / stage1_rate, 3: args.sql_steps / r["sql"],
                4: args.info_steps / r["info"] if args.dynamics_score == "contrastive"
                else r["ot_seconds_per_million_rows"] * args.source_size / 1e6,
                5: (args.vae_steps / r["vae"] if constraint and start == 0 else 0.0) + max(0, args.total_steps - start)
