@@ -296,21 +296,6 @@ def test_source_weight_clamp_and_range():
 
 
 # ---- relabelling ---------------------------------------------------------------------------------------------------
-def test_the_estimate_scales_stage_1_with_the_crop_steps():
-    """Stage 1's time follows the trajectory steps of an iteration: Hopper's default mixture (many short random
-    episodes, 56 crop steps on average) against the crossed one (199): 2.8 h against 59 min for their budgets."""
-    args = types.SimpleNamespace(env_id="Hopper-v4", repr_steps=100_000, sql_steps=0, dynamics_score="contrastive",
-                                 info_steps=0, total_steps=0, vae_steps=0)
-
-    def stage_1(crop_steps, repr_steps):
-        line = v2a_utils.estimate(types.SimpleNamespace(**{**vars(args), "repr_steps": repr_steps}), "v2a_iql.py", (1,),
-                                  {}, torch.device("cpu"), crop_steps)
-        return line.split("stage 1 ")[1].split(")")[0]
-
-    assert stage_1(16 * 56.4, 100_000) == "2.8 h"
-    assert stage_1(16 * 199.8, 10_000) == "59 min"
-
-
 def test_relabel_full_trajectory_z_constant_within_trajectory():
     torch.manual_seed(0)
     ds, da, lens = 3, 2, torch.tensor([5, 1, 12, 3, 7])
@@ -452,6 +437,22 @@ def test_non_finite_loss_stops_the_stage():
             pass
     with pytest.raises(SystemExit, match="non-finite loss in stage X at step 2"):
         v2a_utils.run_stage("stage X", 5, lambda i: torch.tensor([float("nan") if i == 2 else 1.0]), ["l"], Writer(), 1)
+
+
+# ---- the time estimate printed when a run starts ---------------------------------------------------------------------
+def test_the_estimate_scales_stage_1_with_the_crop_steps():
+    """Stage 1's time follows the trajectory steps of an iteration: Hopper's default mixture (many short random
+    episodes, 56 crop steps on average) against the crossed one (199): 2.8 h against 59 min for their budgets."""
+    args = types.SimpleNamespace(env_id="Hopper-v4", repr_steps=100_000, sql_steps=0, dynamics_score="contrastive",
+                                 info_steps=0, total_steps=0, vae_steps=0)
+
+    def stage_1(crop_steps, repr_steps):
+        line = v2a_utils.estimate(types.SimpleNamespace(**{**vars(args), "repr_steps": repr_steps}), "v2a_iql.py", (1,),
+                                  {}, torch.device("cpu"), crop_steps)
+        return line.split("stage 1 ")[1].split(")")[0]
+
+    assert stage_1(16 * 56.4, 100_000) == "2.8 h"
+    assert stage_1(16 * 199.8, 10_000) == "59 min"
 
 
 # ---- end to end ----------------------------------------------------------------------------------------------------
