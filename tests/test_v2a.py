@@ -439,7 +439,7 @@ def test_non_finite_loss_stops_the_stage():
         v2a_utils.run_stage("stage X", 5, lambda i: torch.tensor([float("nan") if i == 2 else 1.0]), ["l"], Writer(), 1)
 
 
-# ---- the time estimate printed when a run starts ---------------------------------------------------------------------
+# ---- the time estimate printed when a run starts -------------------------------------------------------------------
 def test_the_estimate_scales_stage_1_with_the_crop_steps():
     """Stage 1's time follows the trajectory steps of an iteration: Hopper's default mixture (many short random
     episodes, 56 crop steps on average) against the crossed one (199): 2.8 h against 59 min for their budgets."""
