@@ -443,12 +443,10 @@ def test_non_finite_loss_stops_the_stage():
 def test_the_estimate_scales_stage_1_with_the_crop_steps():
     """Stage 1's time follows the trajectory steps of an iteration: Hopper's default mixture (many short random
     episodes, 56 crop steps on average) against the crossed one (199): 2.8 h against 59 min for their budgets."""
-    args = types.SimpleNamespace(env_id="Hopper-v4", repr_steps=100_000, sql_steps=0, dynamics_score="contrastive",
-                                 info_steps=0, total_steps=0, vae_steps=0)
-
     def stage_1(crop_steps, repr_steps):
-        line = v2a_utils.estimate(types.SimpleNamespace(**{**vars(args), "repr_steps": repr_steps}), "v2a_iql.py", (1,),
-                                  {}, torch.device("cpu"), crop_steps)
+        args = types.SimpleNamespace(env_id="Hopper-v4", repr_steps=repr_steps, sql_steps=0, dynamics_score="contrastive",
+                                     info_steps=0, total_steps=0, vae_steps=0)
+        line = v2a_utils.estimate(args, "v2a_iql.py", (1,), {}, torch.device("cpu"), crop_steps)
         return line.split("stage 1 ")[1].split(")")[0]
 
     assert stage_1(16 * 56.4, 100_000) == "2.8 h"
