@@ -636,8 +636,9 @@ def report(cfg: "Report") -> dict:
             learners = {m: point(s) for m, s in st["methods"].items() if variant_of(m) != "bc"}
             if learners and max(learners.values()) < anc["bc"]:
                 best = max(learners, key=learners.get)
-                top.append(f"**{task_label(task)}: no learner reaches behaviour cloning's level** (BC {anc['bc']:.1f}; "
-                           f"the best, `{best}`, {learners[best]:.1f}).")
+                top.append(f"**{task_label(task)}: no learner's level reaches behaviour cloning's** (BC {anc['bc']:.1f}; "
+                           f"the best, `{best}`, {learners[best]:.1f}; levels are IQMs, or means below 5 seeds: "
+                           "descriptive, not a claim).")
         say(f"{task_label(task)}: evaluation-noise check (the mean of the last {cfg.tail_evals} periodic evaluations)")
         st["tail"] = task_stats(truns, cfg.reps, cfg.poi_reps, cfg.seed, lambda r: tail_score(r, cfg.tail_evals))
         L += ["", *tail_lines(cfg.tail_evals, truns, st["tail"]), ""]
