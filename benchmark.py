@@ -229,11 +229,14 @@ def machine() -> dict:
 
 
 def code_version(folder: str) -> Optional[str]:
-    """The git commit of the training scripts' folder, "+modified" if tracked files differ from it (None: not a git
-    work tree): recorded with every attempt, so that each exported number names the code that made it."""
+    """The git commit of the training scripts' folder, "+modified" if tracked code differs from it (None: not a git
+    work tree): recorded with every attempt, so that each exported number names the code that made it. The exports
+    (results/), the pages (docs/) and other Markdown are not code: a running sweep rewrites them."""
+    not_code = [":(exclude)results", ":(exclude)docs", ":(exclude)*.md"]
     try:
         git = lambda *a: subprocess.run(["git", "-C", folder, *a], capture_output=True, text=True, check=True).stdout
-        return git("rev-parse", "HEAD").strip() + ("+modified" if git("status", "--porcelain", "-uno").strip() else "")
+        changed = git("status", "--porcelain", "-uno", "--", ".", *not_code).strip()
+        return git("rev-parse", "HEAD").strip() + ("+modified" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return None
 

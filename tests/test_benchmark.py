@@ -232,6 +232,25 @@ def test_a_run_another_runner_took_is_skipped_not_finished(capsys):
     assert out.splitlines()[-1].startswith("[benchmark] 1/2 finished (0 failed), 1 running, 0 left")
 
 
+def test_code_version_marks_changed_code_not_exports(tmp_path):
+    """An attempt's recorded commit gets "+modified" for a changed script, not for the exports and pages that a
+    running sweep rewrites in the same tree."""
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+    git("init", "-q")
+    for rel in ("train.py", "results/s/run.json", "docs/results/s.md", "README.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("v1\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1")
+    clean = benchmark.code_version(str(tmp_path))
+    assert clean and len(clean) == 40
+    for rel in ("results/s/run.json", "docs/results/s.md", "README.md"):
+        (tmp_path / rel).write_text("v2\n")
+    assert benchmark.code_version(str(tmp_path)) == clean
+    (tmp_path / "train.py").write_text("v2\n")
+    assert benchmark.code_version(str(tmp_path)) == clean + "+modified"
+
+
 def test_bad_grid_and_pass_through_flags(sweep):
     launch, tmp_path = sweep
     for argv in (["--grid", "seed=1"], ["--grid", "--x=1,2"]):
