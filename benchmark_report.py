@@ -771,7 +771,9 @@ def setup_lines(runs: list[dict]) -> list[str]:
             at_end = a["start"] < CODE_AT_START_SINCE
             who = (backbone_label(r["task"]).split(":")[0].removeprefix("release "), method_order(r["method"]), r["seed"])
             codes.setdefault(a.get("code") or "not recorded", set()).add((*who, " †" * at_end))
-    L += ["Code (the git commit of the training scripts recorded with each attempt; the runs that used it):", ""]
+    L += ["Code (the git commit of the training scripts recorded with each attempt; the runs that used it; \"+modified\": "
+          "tracked code differed from that commit, or, for attempts recorded before 3b11831, any tracked file, such as "
+          "the exports a running sweep rewrites):", ""]
     L += [f"- `{c[:7] if c != 'not recorded' else c}{'+modified' * c.endswith('+modified')}`: "
           f"{', '.join(f'{b} {m} s{seed}{mark}' for b, (_, m), seed, mark in sorted(names))}"
           for c, names in sorted(codes.items())]
