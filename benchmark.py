@@ -198,6 +198,8 @@ def run_state(spec: dict) -> tuple[str, Optional[str]]:
 
 def reached_total(spec: dict, results: Optional[dict]) -> bool:
     """Whether a run's results.json has an evaluation at the requested --total-steps (any, when the flag is not given)."""
+    if (results or {}).get("filter_only"):  # --filter-only: stages 1-4 and the filter's accuracy are all it does
+        return True
     evals = (results or {}).get("evals")
     want = flag_value(spec["argv"], "total-steps")
     return bool(evals) and (want is None or evals[-1][0] >= int(want))
@@ -209,7 +211,7 @@ def exported_done(spec: dict) -> bool:
     if not spec.get("export_dir"):
         return False
     record, res = (read_json(os.path.join(spec["export_dir"], f)) for f in ("run.json", "results.json"))
-    if not record or not res or not res.get("evals"):
+    if not record or not res or not (res.get("evals") or res.get("filter_only")):
         return False
     if record.get("spec", {}).get("argv") != spec["argv"]:
         print(f"[benchmark] {spec['name']}: the export under {spec['export_dir']} was made with other flags "

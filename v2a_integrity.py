@@ -29,11 +29,11 @@ def fail(msg: str):
 # flags added after runs were made: absent reads as this default
 NEW_FLAG_DEFAULTS = {"dynamics_score": "contrastive", "dataset_constraint": 0.0, "vae_steps": 10_000,
                      "normalize_states": False, "reward_scale": "none", "awr_clip": 100.0, "actor_schedule": "cosine",
-                     "sql_gamma": None, "sql_tau": None}
+                     "sql_gamma": None, "sql_tau": None, "oracle": "none"}
 REMOVED_FLAG_DEFAULTS = {"bf16": False}  # flags since removed: checkpoints made at their default stay valid
 RESUME_FREE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "generate", "log_freq", "resume",
                "reuse_stages", "bench", "compile", "threads", "total_steps",
-               "final_eval_episodes")  # flags that do not change training (--total-steps may grow)
+               "final_eval_episodes", "filter_only")  # flags that do not change training (--total-steps may grow)
 
 
 def sql_discount(args) -> tuple[float, float]:

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import v2a_filter_truth as truth
 import v2a_otdf as otdf
 import v2a_utils as utils
 from v2a_utils import Run, fail, optimize, split
@@ -69,6 +70,15 @@ class Args:
     dynamics_score: Literal["contrastive", "ot"] = "contrastive"
     """the dynamics score h of v2a, dvdf and igdf: contrastive (IGDF's, stage 4 trains it) or ot (OTDF's optimal-
     transport score, stage 4 computes it): --variant igdf --dynamics-score ot is OTDF, dvdf: DVDF-OTDF, v2a: V2A-OTDF"""
+    oracle: Literal["none", "dynamics", "full"] = "none"
+    """a diagnostic, not a method: the filter with the truth in place of its scores, the upper bound of what each part
+    can give (docs/v2a_iql.md, "Filter accuracy"). dynamics: h := the rank of each source row's true dynamics gap
+    (stage 4 is not trained); full: A := the rank of its behaviour label as well (stages 1-4 are not trained). Needs
+    datasets that record the gap"""
+    filter_only: bool = False
+    """stop after stage 4: score every source row, write the filter's accuracy against the truth (TensorBoard
+    filter/accuracy/..., results.json filter_accuracy) and exit without training a policy (many seeds of stages 1-4
+    cheaply; a later --resume without it trains stage 5)"""
     tradeoff: Optional[float] = None
     """lambda, the weight of h in f = lambda h + (1 - lambda) minmax(A); None: the variant's published value"""
     xi: float = 0.5
@@ -146,8 +156,15 @@ class Args:
 
 
 def row_name(args: Args) -> str:
-    """The paper's row a run belongs to, e.g. v2a-otdf (run directories, results.json)."""
-    return ROW_NAMES.get((args.variant, args.dynamics_score), args.variant)
+    """The paper's row a run belongs to, e.g. v2a-otdf (run directories, results.json); an oracle's: v2a-oracle-h."""
+    row = ROW_NAMES.get((args.variant, args.dynamics_score), args.variant)
+    return row + {"none": "", "dynamics": "-oracle-h", "full": "-oracle-full"}[args.oracle]
+
+
+def run_stages(args: Args) -> tuple:
+    """The stages before stage 5 that the run trains: its variant's, less those whose scores an oracle replaces."""
+    replaced = {"none": (), "dynamics": (4,), "full": (1, 2, 3, 4)}[args.oracle]
+    return tuple(k for k in VARIANT_STAGES[args.variant] if k not in replaced)
 
 
 def tradeoff(args: Args) -> float:
@@ -504,6 +521,38 @@ def score_sources(run: Run, z_traj, sql_q, sql_v, phi, psi, c_src: Optional[torc
     return torch.cat(h_src), torch.cat(adv_src)
 
 
+def make_filter(run: Run, z_traj, sql_q, sql_v, phi, psi, c_src: Optional[torch.Tensor]) -> SourceFilter:
+    """Stage 5a: every source row's h and A (score_sources), or with --oracle the truth in their place; then the
+    filter's accuracy against the truth, once, off the hot path (filter_accuracy)."""
+    args, d = run.args, run.d
+    h_src, adv_src = score_sources(run, z_traj, sql_q, sql_v, phi, psi, c_src)
+    if args.oracle != "none":  # a diagnostic: the true gap's rank for h, and the behaviour label's rank for A
+        h_src = truth.gap_score(d["true_gap"])
+        adv_src = truth.quality_score(d) if args.oracle == "full" else adv_src
+    filt = SourceFilter(h_src, adv_src, tradeoff(args), kept_count(args.batch_size, args.xi), c_src is not None)
+    filter_accuracy(run, filt)
+    return filt
+
+
+def filter_accuracy(run: Run, filt: SourceFilter):
+    """The filter against the ground truth of generated data (v2a_filter_truth): h against each row's true dynamics
+    gap, A against its behaviour label, and the rows it keeps beside those the oracles keep at the same xi. Logged as
+    filter/accuracy/<metric> and kept for results.json (run.results)."""
+    has_adv = 3 in run.stages or run.args.oracle == "full"
+
+    def keep(idx, h_src, adv_src, is_oracle):  # eq. 5.5 on per-row scores (the oracle's h needs no OT normalisation)
+        h = otdf.ot_batch_norm(h_src[idx]) if filt.ot and not is_oracle else h_src[idx]
+        return select_kept(filter_scores(h, adv_src[idx], filt.tradeoff)[0], filt.n_keep)
+
+    acc = truth.filter_accuracy(run.d, filt.h_src, filt.adv_src if has_adv else None, keep, run.args.batch_size,
+                                run.args.seed)
+    for tag, value in acc.items():
+        if value is not None:
+            run.writer.add_scalar(f"filter/accuracy/{tag}", value, 0)
+    run.results["filter_accuracy"] = acc
+    print(f"[stage 5a] filter accuracy: {truth.summary_line(acc)}", flush=True)
+
+
 def next_batch(run: Run, filt: Optional[SourceFilter]):
     """Stage-5 batch D' (rows [s, a, r, s', d]: the kept source rows, then B target rows) and its Q-loss weights w
     (None: all 1). merged: all B source rows; target and bc: the target rows only. Drawn on the device, no host sync."""
@@ -638,7 +687,10 @@ def setup(args: Args) -> Run:
     dev = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cuda and dev.type == "cpu":
         print("CUDA not available: running on CPU", flush=True)
-    d, stages = utils.load_data(args, dev), VARIANT_STAGES[args.variant]
+    d, stages = utils.load_data(args, dev), run_stages(args)
+    if args.oracle != "none" and d.get("true_gap") is None:
+        fail(f"--oracle needs the true dynamics gap of every source row, which these datasets do not record (made "
+             f"before data_gen.py recorded it); {d.get('true_gap_hint', utils.regenerate_hint(args))}")
     d["stage5_rows"], d["stage5_stats"] = utils.stage5_data(d, args.normalize_states, args.reward_scale)
     keys = utils.stage_keys(args, d["records"], stages, SCRIPT, STAGE_CONSTANTS)
     return utils.start_run(args, SCRIPT, d, dev, stages, keys, row_name(args),
@@ -657,10 +709,11 @@ def main(args: Args):
         net.requires_grad_(False)
     filt, name, diagnostics = None, f"{BACKBONE} {row_name(args)}", None
     if args.variant in PUBLISHED_TRADEOFF:  # stage 5a (filtered variants)
-        filt = SourceFilter(*score_sources(run, z_traj, sql_q, sql_v, phi, psi, c_src), tradeoff(args),
-                            kept_count(args.batch_size, args.xi), c_src is not None)
+        filt = make_filter(run, z_traj, sql_q, sql_v, phi, psi, c_src)
         name += f" lambda {filt.tradeoff} xi {args.xi} keep {filt.n_keep}/{args.batch_size}"
         diagnostics = functools.partial(filter_diagnostics, run, filt)
+        if args.filter_only:  # stages 1-4 and the filter's accuracy, no policy
+            return utils.finish_filter_only(run)
     learner = make_learner(run, lambda: next_batch(run, filt))  # stage 5b
     utils.train_policy(run, learner, name, diagnostics)  # stage 5: --total-steps updates, evaluations, checkpoints
     run.writer.close()

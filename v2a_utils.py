@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
 import minari
@@ -85,6 +85,12 @@ def validate_args(args, variant_stages: dict, filtered: dict, backbone_errors: l
          f"--tradeoff applies to the v2a and dvdf variants only, not to {args.variant}"),
         (args.dynamics_score != "contrastive" and args.variant not in filtered,
          f"--dynamics-score applies to the filtered variants v2a, dvdf and igdf only, not to {args.variant}"),
+        (args.oracle != "none" and args.variant not in filtered,
+         f"--oracle applies to the filtered variants v2a, dvdf and igdf only, not to {args.variant}"),
+        (args.oracle != "none" and args.dynamics_score != "contrastive",
+         "--oracle replaces the dynamics score h, so --dynamics-score has nothing to do with it: leave it at contrastive"),
+        (args.filter_only and args.variant not in filtered,
+         f"--filter-only measures a filter: it applies to v2a, dvdf and igdf only, not to {args.variant}"),
         *[(n <= 0 and not bench, f"--{flag} must be > 0 for the {args.variant} variant, got {n}")
           for flag, n in [budgets[k] for k in trained] + [("total-steps", args.total_steps)]],
         *[(n < 0, f"--{flag} must be >= 0, got {n}") for flag, n in budgets.values()],
@@ -550,6 +556,7 @@ class Run:
     stages: tuple
     row: str
     mm_rate: float = 0.0
+    results: dict = field(default_factory=dict)  # what the stages add to results.json (e.g. the filter's accuracy)
 
     @property
     def bench(self) -> bool:
@@ -663,7 +670,8 @@ def estimate(args, script: str, stages: tuple, loaded: dict, dev: torch.device, 
                else r["ot_seconds_per_million_rows"] * args.source_size / 1e6,
                5: (args.vae_steps / r["vae"] if constraint and start == 0 else 0.0) + max(0, args.total_steps - start)
                / (r["stage5_dataset_constraint"] if constraint else r["stage5"].get(script, 200.0))}
-    todo = {k: t for k, t in seconds.items() if k in stages and k not in loaded or k == 5 and start < args.total_steps}
+    todo = {k: t for k, t in seconds.items()
+            if k in stages and k not in loaded or k == 5 and start < args.total_steps and not args.filter_only}
     span = lambda t: f"{t:.0f} s" if t < 60 else f"{t / 60:.0f} min" if t < 3600 else f"{t / 3600:.1f} h"
     where = "measured on a 2-core CPU, one thread" + ("; this GPU is faster" if dev.type == "cuda" else "")
     parts = ", ".join(f"stage {k} {span(t)}" for k, t in todo.items()) or "nothing but the final evaluation"
@@ -757,6 +765,7 @@ def train_policy(run: Run, learner: Learner, name: str, diagnostics: Optional[Ca
     if evals:
         final, level = final_evaluation(run, learner, eval_env, normalized), data_level(run.d)
         write_results(run.dir, {"variant": args.variant, "dynamics_score": args.dynamics_score, "row": run.row,
+                                **run.results,
                                 "final_normalized_score": final["normalized_score"],
                                 "last_eval_normalized_score": evals[-1][2], "target_data_normalized_score": level,
                                 "final_eval": final, "evals": evals, "eval_returns": eval_returns})
@@ -764,6 +773,16 @@ def train_policy(run: Run, learner: Learner, name: str, diagnostics: Optional[Ca
               f"{final['normalized_score']:.1f} +- {np.std(final['normalized_scores']) / len(final['returns'])**0.5:.1f} "
               f"(s.e.); the target data's own level {level:.1f}", flush=True)
     eval_env.close()
+
+
+def finish_filter_only(run: Run):
+    """--filter-only: results.json holds what stages 1-4 and the filter measured (run.results), and no score."""
+    args = run.args
+    write_results(run.dir, {"variant": args.variant, "dynamics_score": args.dynamics_score, "row": run.row,
+                            "filter_only": True, **run.results})
+    run.writer.close()
+    print(f"done: {run.dir}  --filter-only: stages 1-4 and the filter's accuracy in results.json; no policy trained "
+          f"(continue into stage 5 with --resume {run.dir} --no-filter-only)", flush=True)
 
 
 def write_results(run_dir: str, results: dict):

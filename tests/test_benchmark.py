@@ -508,3 +508,23 @@ def test_central_range_of_pooled_histograms():
     lo, hi = benchmark_report.central_range([body, [(-1000.0, 1.0)], [(500.0, 1.0)]])
     assert (lo, hi) == pytest.approx((-5 - 0.5, 5 + 0.5))
     assert benchmark_report.central_range([[(2.0, 3.0)]]) == (1.0, 3.0)  # one bucket: a unit pad
+
+
+def test_report_filter_accuracy_section_and_filter_only_runs(tmp_path):
+    """filter-truth: --filter-only runs (results.json with filter_accuracy, no evaluation) are done for the runner, stay
+    out of the score tables, and their accuracy is a section of the page: mean over seeds with its bootstrap CI."""
+    res = tmp_path / "results" / "fx"
+    for seed, spearman in enumerate((0.2, 0.4, 0.6)):
+        fake_export(res, "dvdf", seed + 1, None)
+        d = res / f"v2a_iql__dvdf__s{seed + 1}"
+        json.dump(dict(variant="dvdf", filter_only=True, filter_accuracy={"dyn_spearman": spearman,
+                                                                           "value_misassign_cross": None}),
+                  open(d / "results.json", "w"))
+    fake_export(res, "target", 1, 50.0)
+    benchmark_report.report(report_cfg(tmp_path))
+    md = open(tmp_path / "docs" / "results" / "fx.md").read()
+    assert "## Filter accuracy" in md and "| dvdf | 0 |" not in md and "| target | 1 | 0 |" in md
+    row = next(x for x in md.split("\n") if x.startswith("| dvdf | [1, 2, 3] |"))
+    assert row.split(" | ")[2].startswith("0.400 [0.2") and "| `dyn_spearman` | 0.400 [" in md
+    spec = dict(name="dvdf_s1", run_dir=str(tmp_path / "none"), argv=None, export_dir=str(res / "v2a_iql__dvdf__s1"))
+    assert benchmark.exported_done(spec) and benchmark.reached_total(spec, {"filter_only": True})
