@@ -29,7 +29,8 @@ def fail(msg: str):
 # flags added after runs were made: absent reads as this default
 NEW_FLAG_DEFAULTS = {"dynamics_score": "contrastive", "dataset_constraint": 0.0, "vae_steps": 10_000,
                      "normalize_states": False, "reward_scale": "none", "awr_clip": 100.0, "actor_schedule": "cosine",
-                     "sql_gamma": None, "sql_tau": None, "oracle": "none"}
+                     "sql_gamma": None, "sql_tau": None, "oracle": "none", "critic_layernorm": False,
+                     "td_target_clip": False, "critic_grad_clip": 0.0}
 REMOVED_FLAG_DEFAULTS = {"bf16": False}  # flags since removed: checkpoints made at their default stay valid
 RESUME_FREE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "generate", "log_freq", "resume",
                "reuse_stages", "bench", "compile", "threads", "total_steps",

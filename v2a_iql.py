@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 import v2a_filter_truth as truth
 import v2a_otdf as otdf
+import v2a_stability
 import v2a_utils as utils
 from v2a_utils import Run, fail, optimize, split
 
@@ -158,6 +159,14 @@ class Args:
     ones). Its 10-sample VAE term makes a stage-5 step about 13x as costly on a CPU (docs/specification.md §10)"""
     vae_steps: int = 10_000
     """--dataset-constraint: Adam steps that fit the target VAE before stage 5 (OTDF: 10,000)"""
+    critic_layernorm: bool = False
+    """a critic-divergence fix: layer normalisation (no parameters) before each hidden ReLU of Q and V (off: the
+    release; docs/v2a_iql.md, "Critic divergence")"""
+    td_target_clip: bool = False
+    """a critic-divergence fix: clip the TD target r + gamma V(s') to the return bound of the data's rewards, [min(0,
+    r_min), max(0, r_max)] / (1 - gamma) (off: the release)"""
+    critic_grad_clip: float = 0.0
+    """a critic-divergence fix: clip the global gradient norm of Q and of V, each, to this (0: off, the release)"""
     # <<< backbone
 
 
@@ -179,16 +188,22 @@ def tradeoff(args: Args) -> float:
 
 
 # ---- Networks -------------------------------------------------------------------------------------------------------
-def mlp(inp: int, out: int, hidden: int = 256) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out))
+def mlp(inp: int, out: int, hidden: int = 256, layernorm: bool = False) -> nn.Sequential:
+    """2x256 ReLU MLP; layernorm: a layer normalisation without parameters before each ReLU (a critic fix flag; it
+    shifts the layers' indices, so only the flag's own checkpoints hold those keys)."""
+    norm = lambda: [nn.LayerNorm(hidden, elementwise_affine=False)] if layernorm else []
+    return nn.Sequential(nn.Linear(inp, hidden), *norm(), nn.ReLU(), nn.Linear(hidden, hidden), *norm(), nn.ReLU(),
+                         nn.Linear(hidden, out))
 
 
 class EnsembleMLP(nn.Module):
     """E independent 2x256 ReLU MLPs as one batched matmul per layer (weights [E, in, out], torch.baddbmm): the twin
     critics (E = 2) and the TC-ELBO decoder ensemble (E = 3, rlkit init: biases 0.1, last layer U(+-3e-3))."""
 
-    def __init__(self, ensemble: int, inp: int, out: int, hidden: int = 256, decoder_init: bool = False):
+    def __init__(self, ensemble: int, inp: int, out: int, hidden: int = 256, decoder_init: bool = False,
+                 layernorm: bool = False):
         super().__init__()
+        self.layernorm = layernorm  # a layer normalisation without parameters before each hidden ReLU (a critic fix)
         dims = [inp, hidden, hidden, out]
         self.w, self.b = nn.ParameterList(), nn.ParameterList()
         for i, (m, n) in enumerate(zip(dims[:-1], dims[1:])):
@@ -210,7 +225,8 @@ class EnsembleMLP(nn.Module):
                 x = torch.baddbmm(b, x, w[:, :nx]) + torch.matmul(z, w[:, nx:])[:, group]
             else:
                 x = torch.baddbmm(b, x, w)
-            x = F.relu(x) if i < len(self.w) - 1 else x
+            if i < len(self.w) - 1:
+                x = F.relu(F.layer_norm(x, x.shape[-1:]) if self.layernorm else x)
         return x
 
 
@@ -624,12 +640,15 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     tanh(mean) only. `batch()` draws (D', w)."""
     args, dev, ds, da = run.args, run.dev, run.d["ds"], run.d["da"]
     vae = otdf.fit_target_vae(run) if args.dataset_constraint > 0 else None
-    actor, qf, vf = mlp(ds, 2 * da).to(dev), EnsembleMLP(2, ds + da, 1).to(dev), mlp(ds, 1).to(dev)
+    ln = args.critic_layernorm
+    actor, qf, vf = mlp(ds, 2 * da).to(dev), EnsembleMLP(2, ds + da, 1, layernorm=ln).to(dev), mlp(ds, 1, layernorm=ln).to(dev)
     qf_t = copy.deepcopy(qf).requires_grad_(False)
     # the actor's lr is a tensor, so the cosine schedule changes a value, not the compiled code
     opts = vf_opt, qf_opt, actor_opt = [
         utils.init_adam_state(run.adam(net.parameters(), lr=torch.tensor(args.learning_rate, device=dev)))
         for net in (vf, qf, actor)]
+    filtered = args.variant in PUBLISHED_TRADEOFF  # batches carry the filter's TD weights w
+    y_lo, y_hi = v2a_stability.return_bounds(run.d["stage5_rows"][:, ds + da], args.gamma)  # --td-target-clip
     scheds = []  # --actor-schedule constant: the actor's lr stays
     if args.actor_schedule == "cosine":
         scheds.append(utils.cosine_lr(actor_opt, args.total_steps))
@@ -646,6 +665,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         s, a, r, s2, done = split(x, ds, da)
         with torch.no_grad():  # the Q target uses V after its update (docs/specification.md §5.6)
             y = r + args.gamma * (1 - done) * vf(s2).squeeze(-1)
+            y = y.clamp(y_lo, y_hi) if args.td_target_clip else y
         actor_out = functional_call(actor, actor_params, s)
         actor_loss = awr_actor_loss(actor_out[:, :da], a, u, args.temperature, args.awr_clip)
         if vae is not None:
@@ -661,10 +681,13 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         # In plain PyTorch each grad_and_value + adam_step_ pair is `loss.backward(); opt.step(); opt.zero_grad()`:
         # grad_and_value returns the gradients (and the loss) instead of filling .grad, adam_step_ is Adam's step on
         # them, and _foreach_lerp_ is the Polyak average target <- (1 - tau) target + tau online.
+        # clip_grads_ is clip_grad_norm_ (a no-op at --critic-grad-clip 0); the norms are logged, a divergence's trace
         vf_grads, (vf_loss, (u, q_min_t)) = utils.grad_and_value(v_loss, utils.params(vf), x)
+        vf_norm = v2a_stability.clip_grads_(vf_grads, args.critic_grad_clip)
         utils.adam_step_(vf_opt, vf_grads)
         (qf_grads, actor_grads), (_, (qf_loss, actor_loss)) = utils.grad_and_value(
             q_and_actor_loss, (utils.params(qf), utils.params(actor)), x, w, u)
+        qf_norm = v2a_stability.clip_grads_(qf_grads, args.critic_grad_clip)
         utils.adam_step_(qf_opt, qf_grads)
         utils.adam_step_(actor_opt, actor_grads)
         torch._foreach_lerp_(list(qf_t.parameters()), list(qf.parameters()), args.tau)
@@ -672,7 +695,9 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         awr_share = ([awr_source_share(u, args.temperature, args.batch_size, args.awr_clip)]
                      if utils.has_source_rows(args) else [])
         ess = awr_effective_fraction(u, args.temperature, args.awr_clip)
-        return torch.stack([vf_loss, qf_loss, actor_loss, *value_means, ess, *awr_share])
+        norms = [vf_norm, qf_norm, v2a_stability.grad_norm(actor_grads)]
+        w_range = [w.max(), w.min()] if filtered else []
+        return torch.stack([vf_loss, qf_loss, actor_loss, *value_means, ess, *awr_share, *norms, *w_range])
 
     def bc_loss(actor_params: dict, x: torch.Tensor):
         actor_loss = awr_actor_loss(functional_call(actor, actor_params, x[:, :ds])[:, :da], x[:, ds: ds + da],
@@ -705,8 +730,10 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     return utils.Learner(nets, opts, scheds,
                          ["losses/vf_loss", "losses/qf_loss", "losses/actor_loss", *utils.value_tags(args, ("q", "v")),
                           "charts/awr_effective_fraction",
-                          *(["charts/awr_weight_source_share"] if utils.has_source_rows(args) else [])],
-                         train_step, eval_policy)
+                          *(["charts/awr_weight_source_share"] if utils.has_source_rows(args) else []),
+                          "charts/grad_norm_vf", "charts/grad_norm_qf", "charts/grad_norm_actor",
+                          *(["charts/td_weight_max", "charts/td_weight_min"] if filtered else [])],
+                         train_step, eval_policy, q_values=lambda x: qf(x[:, : ds + da]).min(0).values.squeeze(-1))
 # <<< backbone
 
 

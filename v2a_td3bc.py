@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 import v2a_filter_truth as truth
 import v2a_otdf as otdf
+import v2a_stability
 import v2a_utils as utils
 from v2a_utils import Run, fail, optimize, split
 
@@ -173,16 +174,22 @@ def tradeoff(args: Args) -> float:
 
 
 # ---- Networks -------------------------------------------------------------------------------------------------------
-def mlp(inp: int, out: int, hidden: int = 256) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out))
+def mlp(inp: int, out: int, hidden: int = 256, layernorm: bool = False) -> nn.Sequential:
+    """2x256 ReLU MLP; layernorm: a layer normalisation without parameters before each ReLU (a critic fix flag; it
+    shifts the layers' indices, so only the flag's own checkpoints hold those keys)."""
+    norm = lambda: [nn.LayerNorm(hidden, elementwise_affine=False)] if layernorm else []
+    return nn.Sequential(nn.Linear(inp, hidden), *norm(), nn.ReLU(), nn.Linear(hidden, hidden), *norm(), nn.ReLU(),
+                         nn.Linear(hidden, out))
 
 
 class EnsembleMLP(nn.Module):
     """E independent 2x256 ReLU MLPs as one batched matmul per layer (weights [E, in, out], torch.baddbmm): the twin
     critics (E = 2) and the TC-ELBO decoder ensemble (E = 3, rlkit init: biases 0.1, last layer U(+-3e-3))."""
 
-    def __init__(self, ensemble: int, inp: int, out: int, hidden: int = 256, decoder_init: bool = False):
+    def __init__(self, ensemble: int, inp: int, out: int, hidden: int = 256, decoder_init: bool = False,
+                 layernorm: bool = False):
         super().__init__()
+        self.layernorm = layernorm  # a layer normalisation without parameters before each hidden ReLU (a critic fix)
         dims = [inp, hidden, hidden, out]
         self.w, self.b = nn.ParameterList(), nn.ParameterList()
         for i, (m, n) in enumerate(zip(dims[:-1], dims[1:])):
@@ -204,7 +211,8 @@ class EnsembleMLP(nn.Module):
                 x = torch.baddbmm(b, x, w[:, :nx]) + torch.matmul(z, w[:, nx:])[:, group]
             else:
                 x = torch.baddbmm(b, x, w)
-            x = F.relu(x) if i < len(self.w) - 1 else x
+            if i < len(self.w) - 1:
+                x = F.relu(F.layer_norm(x, x.shape[-1:]) if self.layernorm else x)
         return x
 
 
@@ -600,6 +608,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     opts = qf_opt, actor_opt = [utils.init_adam_state(run.adam(net.parameters())) for net in (qf, actor)]
     actor_loss = torch.zeros((), device=dev)  # the last actor loss, logged on the steps without an actor update
     online, target = [*qf.parameters(), *actor.parameters()], [*qf_t.parameters(), *actor_t.parameters()]
+    filtered = args.variant in PUBLISHED_TRADEOFF  # batches carry the filter's TD weights w
 
     def critic_loss(qf_params: dict, x: torch.Tensor, w: Optional[torch.Tensor]):
         s, a, r, s2, done = split(x, ds, da)  # states normalised in the data already (utils.stage5_data)
@@ -623,6 +632,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         # grad_and_value returns the gradients (and the loss) instead of filling .grad, adam_step_ is Adam's step on
         # them, and _foreach_lerp_ is the Polyak average target <- (1 - tau) target + tau online.
         qf_grads, (qf_loss, (s, a, q_min)) = utils.grad_and_value(critic_loss, utils.params(qf), x, w)
+        qf_norm = v2a_stability.grad_norm(qf_grads)  # logged: a divergence's trace
         utils.adam_step_(qf_opt, qf_grads)
         if actor_step:
             actor_grads, (_, loss) = utils.grad_and_value(actor_loss_, utils.params(actor), s, a)
@@ -630,7 +640,8 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
             actor_loss.copy_(loss)
             torch._foreach_lerp_(target, online, args.tau)
         value_means = utils.batch_value_means((q_min,), args)
-        return torch.stack([qf_loss, actor_loss, *value_means])
+        w_range = [w.max(), w.min()] if filtered else []
+        return torch.stack([qf_loss, actor_loss, *value_means, qf_norm, *w_range])
 
     def bc_loss(actor_params: dict, x: torch.Tensor):
         loss = F.mse_loss(functional_call(actor, actor_params, x[:, :ds]), x[:, ds: ds + da])  # TD3+BC's term alone
@@ -656,7 +667,9 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
     if args.variant == "bc":
         return utils.Learner(dict(actor=actor), [actor_opt], [], ["losses/actor_loss"], train_step, eval_policy)
     return utils.Learner(dict(actor=actor, actor_target=actor_t, qf=qf, qf_target=qf_t), opts, [],
-                         ["losses/qf_loss", "losses/actor_loss", *utils.value_tags(args, ("q",))], train_step, eval_policy)
+                         ["losses/qf_loss", "losses/actor_loss", *utils.value_tags(args, ("q",)), "charts/grad_norm_qf",
+                          *(["charts/td_weight_max", "charts/td_weight_min"] if filtered else [])], train_step, eval_policy,
+                         q_values=lambda x: qf(x[:, : ds + da]).min(0).values.squeeze(-1))
 # <<< backbone
 
 

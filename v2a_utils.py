@@ -29,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 import data_gen
 from data_gen import DEFAULT_SOURCES, MAX_DATASET_TRANSITIONS, SUPPORTED_ENV_IDS, one_line
 from v2a_integrity import check_resume, cli, cut_events, fail, load_checkpoints, sql_discount, stage_keys
+from v2a_stability import ValueWatch
 
 __all__ = ["DEFAULT_SOURCES", "MAX_DATASET_TRANSITIONS", "SUPPORTED_ENV_IDS"]  # re-exported: data_gen.py's, not a copy
 __all__ += ["check_resume", "cli", "sql_discount", "stage_keys"]  # re-exported: v2a_integrity.py's (utils.X in the scripts)
@@ -701,7 +702,8 @@ def batch_value_means(values: tuple, args) -> list:
 
 class Learner(NamedTuple):
     """A stage-5 backbone: its networks, optimizers and lr schedules (checkpointed), the names of the losses that
-    `step(i)` returns stacked, and `policy()`, a CPU copy of the deterministic policy for evaluation."""
+    `step(i)` returns stacked, `policy()`, a CPU copy of the deterministic policy for evaluation, and `q_values(rows)`,
+    the critics' min Q of rows [s, a, ...] (None: no critic), which v2a_stability.ValueWatch logs."""
 
     nets: dict
     opts: list
@@ -709,6 +711,7 @@ class Learner(NamedTuple):
     loss_tags: list
     step: Callable[[int], torch.Tensor]
     policy: Callable[[], Callable]
+    q_values: Optional[Callable] = None
 
 
 def train_policy(run: Run, learner: Learner, name: str, diagnostics: Optional[Callable] = None):
@@ -742,9 +745,13 @@ def train_policy(run: Run, learner: Learner, name: str, diagnostics: Optional[Ca
     is_eval_step = lambda i: i % args.eval_freq == 0 or i == args.total_steps
     normalized = lambda returns: minari.get_normalized_score(run.d["tgt_ds"], returns) * 100
 
+    watch = ValueWatch(run.d, run.d["stage5_rows"], args.gamma, args.seed) if learner.q_values else None
+
     def after_step(step: int):  # run_stage has just read (and checked) the losses if step % log_freq == 0 or eval step
         if diagnostics and (step % args.log_freq == 0 or is_eval_step(step)):
             diagnostics(step, diag_gen)
+        if watch and (step % args.log_freq == 0 or is_eval_step(step)):
+            watch.log(learner.q_values, run.writer, step)
         if is_eval_step(step):
             returns = evaluate(learner.policy(), eval_env, args.eval_episodes, args.seed + PERIODIC_EVAL_SEED)
             score = float(np.mean(normalized(returns)))
