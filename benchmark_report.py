@@ -296,11 +296,13 @@ def on_common_steps(curves: list[dict]) -> tuple[list, np.ndarray]:
 
 
 def reference_lines(ax, a: dict, vertical: bool = False):
-    """The anchors as dashed lines: the target data's level, BC's, the expert's (100)."""
+    """The anchors, each in its own line style: the target data's level (grey dashes), BC's (black dots), the expert's
+    (100, black dash-dots)."""
     line = ax.axvline if vertical else ax.axhline
-    for value, label, colour in ((a["data"], "target data", "0.45"), (a["bc"], "BC", "C7"), (a["expert"], "expert", "k")):
+    for value, label, colour, style in ((a["data"], "target data", "0.45", "--"), (a["bc"], "BC", "k", ":"),
+                                        (a["expert"], "expert", "k", "-.")):
         if value is not None:
-            line(value, ls="--", lw=1, color=colour, label=f"{label} ({value:.1f})")
+            line(value, ls=style, lw=1.2, color=colour, label=f"{label} ({value:.1f})")
 
 
 def pyplot():
@@ -546,17 +548,37 @@ def plot_diagnostics(task, runs: list[dict], folder: str) -> list[tuple[str, str
         fig, axes = plt.subplots(1, len(value_tags), figsize=(5.5 * len(value_tags), 4), squeeze=False)
         methods = sorted({r["method"] for r in runs}, key=method_order)  # one colour per method in every panel
         for ax, tag in zip(axes[0], value_tags):
+            drawn = []
             for colour, m in enumerate(methods):
                 steps, v = on_common_steps([dict(r["curves"][tag]) for r in runs if r["method"] == m and tag in r["curves"]])
                 if steps:
                     ax.plot(steps, v.mean(0), label=f"{m} ({len(v)} seed{'s' * (len(v) > 1)})", color=f"C{colour}")
+                    drawn.append((m, v.mean(0)))
             ax.set(title=VALUE_TAGS[tag], xlabel="stage-5 steps")
+            if tag.startswith("charts/q_"):  # values, not the share (whose first steps are far from the rest)
+                clip_to_central(ax, drawn)
             ax.legend(fontsize=7)
         logs_share = "charts/awr_weight_source_share" in value_tags
         share = ", and the source rows' share of the actor's advantage weight" * logs_share
         save(fig, "values", f"The critics' values on the target and the source rows of each batch{share}, "
              "mean over seeds.")
     return made
+
+
+def clip_to_central(ax, curves: list[tuple[str, np.ndarray]], lo: float = 5.0, hi: float = 95.0):
+    """One diverging run's mean can reach thousands where the others sit near 250 and flatten every other curve: the
+    axis then spans the central lo-hi percentiles of all points drawn (padded by a fifth), and the title names each
+    curve that leaves it with its extreme."""
+    if not curves:
+        return
+    points = np.concatenate([v for _, v in curves])
+    a, b = np.percentile(points, [lo, hi])
+    pad = 0.2 * max(b - a, 1e-6)
+    a, b = a - pad, b + pad
+    out = [f"{m} reaches {v.min() if v.min() < a else v.max():,.0f}" for m, v in curves if v.min() < a or v.max() > b]
+    if out:
+        ax.set_ylim(a, b)
+        ax.set_title(ax.get_title() + "\naxis clipped: " + "; ".join(out), fontsize=8)
 
 
 # the stage-5 diagnostics of the values figure (runs from before they were logged have none): tag -> panel title

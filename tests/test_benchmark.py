@@ -528,3 +528,17 @@ def test_report_filter_accuracy_section_and_filter_only_runs(tmp_path):
     assert row.split(" | ")[2].startswith("0.400 [0.2") and "| `dyn_spearman` | 0.400 [" in md
     spec = dict(name="dvdf_s1", run_dir=str(tmp_path / "none"), argv=None, export_dir=str(res / "v2a_iql__dvdf__s1"))
     assert benchmark.exported_done(spec) and benchmark.reached_total(spec, {"filter_only": True})
+
+
+def test_values_axis_clips_a_diverging_curve():
+    """hopper-crossed: one diverging run's mean (thousands) flattened every other curve of the values figure; the axis
+    now spans the central values and the title names the curve that leaves it."""
+    plt = benchmark_report.pyplot()
+    fig, ax = plt.subplots()
+    ax.set_title("min Q")
+    steady, wild = np.full(50, 250.0), np.r_[np.full(45, 250.0), np.linspace(800.0, 6600.0, 5)]  # the last 5 evaluations
+    benchmark_report.clip_to_central(ax, [("v2a", steady), ("igdf", steady + 5), ("dvdf", wild)])
+    assert ax.get_ylim()[1] < 6600 and "axis clipped: dvdf reaches 6,600" in ax.get_title()
+    benchmark_report.clip_to_central(ax2 := fig.add_subplot(), [("v2a", steady), ("igdf", steady + 5)])
+    assert "clipped" not in ax2.get_title()
+    plt.close(fig)
