@@ -181,7 +181,7 @@ def script_args(path: str):
     if not any(isinstance(n, ast.ClassDef) and n.name == "Args" for n in tree.body):
         return None
     spec = importlib.util.spec_from_file_location(f"benchmark_checks_{os.path.basename(path)[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # registered: tyro reads its source
     sys.path.insert(0, os.path.dirname(path))  # the script's own imports (v2a_utils, ...) sit beside it
     try:
         spec.loader.exec_module(module)
@@ -224,15 +224,16 @@ def sweep_problems(cfg: Run, extra: list[str]) -> list[str]:
             if a.startswith("--") and not known(flag):
                 problems.append(f"{a} after `--`: {name} has no such flag{hint(flag)}")
         if len(problems) == own:  # the names hold: each run's command line, as the script will parse it
-            from v2a_integrity import flag_error  # here: it imports torch, which the script's import has loaded
+            from v2a_integrity import flag_error, repeated_flags  # here: it imports torch, as the script did
 
             try:
                 runs = [s for s in make_specs(cfg, extra) if s["script"] == path]
             except SystemExit as e:
                 problems.append(str(e).removeprefix("benchmark.py: error: "))
                 continue
-            errors = [flag_error(args_type, s["argv"])[1] for s in runs]
-            problems += [f"{name} {e}" for e in errors if e]
+            errors = [e for s in runs for e in (repeated_flags(args_type, s["argv"]),
+                                                flag_error(args_type, s["argv"], repeats=False)[1])]
+            problems += [f"{name}: {e}" for e in errors if e]
     return list(dict.fromkeys(problems))  # each once: many runs share a problem
 
 

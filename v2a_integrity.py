@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import fields
@@ -146,13 +147,13 @@ def parse_flags(args_type, description: str, argv: Optional[list], **kwargs):
     return args
 
 
-def flag_error(args_type, argv: Optional[list], **kwargs) -> tuple:
+def flag_error(args_type, argv: Optional[list], repeats: bool = True, **kwargs) -> tuple:
     """(args, None) from tyro.cli, or (None, what is wrong in one line): a flag given twice (tyro takes its last value
     and never reads the others, so `--total-steps abc ... --total-steps 1000` would run), or the message of tyro's
-    error box (and the flag it suggests for a misspelt one). --help, and a box it cannot read, exit as tyro does.
-    benchmark.py checks every run of a sweep with it before it starts any."""
+    error box (and the flag it suggests for a misspelt one); `repeats` False: tyro's alone. --help, and a box it cannot
+    read, exit as tyro does. benchmark.py checks every run of a sweep with it before it starts any."""
     given = sys.argv[1:] if argv is None else list(argv)
-    if twice := repeated_flags(args_type, given):
+    if repeats and (twice := repeated_flags(args_type, given)):
         return None, twice
     err = io.StringIO()
     try:
@@ -285,7 +286,11 @@ def new_run_folder(path: str) -> str:
             os.mkdir(folder)
         except FileExistsError:
             continue
-        lock_run_folder(folder)
+        try:
+            lock_run_folder(folder)
+        except OSError:  # the lock file cannot be written (a full disk): the folder, empty, goes with the error
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return folder
 
 

@@ -575,10 +575,10 @@ def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys
     run_dir = (args.resume.rstrip("/") if args.resume else tempfile.mkdtemp(prefix="v2a_bench_") if bench
                else f"runs/{args.env_id}__{args.exp_name}__{row}__{args.seed}__{int(time.time())}")
     hparams = {**vars(args), "script": script, **hparams, "device": str(dev), "datasets": d["records"]}
-    made = not (args.resume or bench)  # a new folder: made and locked here (--resume's was locked by check_resume)
+    made = False  # whether this process made the run folder (a new run; --resume's folder was locked by check_resume)
     try:  # the run's first writes: a folder that cannot be written stops it here, in one line, before anything trains
-        if made:
-            run_dir = new_run_folder(run_dir)
+        if not (args.resume or bench):
+            run_dir, made = new_run_folder(run_dir), True
         if args.resume:  # what this process computes again is logged again: drop it from the event files first
             cut_events(run_dir, {0: -1, **{k: math.inf if k in loaded else -1 for k in (1, 2, 3, 4)},
                                  5: loaded[5][1]["step"] if 5 in loaded else -1})
@@ -590,7 +590,7 @@ def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hparams.items()))
         write_whole(os.path.join(run_dir, "args.json"), json.dumps(hparams, indent=1))  # a resumed run keeps its own
     except OSError as e:
-        if made and os.path.isdir(run_dir):  # a new run without its args.json cannot be resumed: it leaves nothing
+        if made:  # a new run without its args.json cannot be resumed: it leaves nothing
             shutil.rmtree(run_dir, ignore_errors=True)
         fail(f"cannot write the run folder {run_dir} ({why(e)}); " +
              ("make room or make it writable, or copy it to a writable place and --resume the copy" if args.resume else
