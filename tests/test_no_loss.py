@@ -25,7 +25,6 @@ import benchmark_report
 import data_gen
 import v2a_integrity
 import v2a_iql
-import v2a_timing
 import v2a_utils
 
 
@@ -83,7 +82,8 @@ def target_only(tiny_data) -> list:
 def test_runs_started_in_the_same_second_keep_their_own_folders(tiny_data, tmp_path, monkeypatch):
     """Two runs whose names are the same (same flags but one, started in the same second): each gets its own folder,
     the second with -2, and each keeps its own flags and score."""
-    monkeypatch.setattr(time, "time", lambda: 1796670303.0)
+    clock = iter(1796670303.0 + 1e-6 * k for k in range(10**6))  # a second that lasts both runs (the clock moves)
+    monkeypatch.setattr(time, "time", lambda: next(clock))
     first = train("v2a_iql", target_only(tiny_data) + ["--learning-rate", "0.001"], tmp_path)
     second = train("v2a_iql", target_only(tiny_data) + ["--learning-rate", "0.0001"], tmp_path)
     assert sorted(os.listdir(tmp_path / "runs")) == ["Hopper-v4__v2a_iql__target__1__1796670303",
@@ -115,8 +115,8 @@ def test_simultaneous_starts_make_distinct_folders(tmp_path, monkeypatch):
 def test_a_second_writer_is_refused_and_kill_9_frees_the_folder(tiny_data, tmp_path):
     """--resume of a run that another process is writing: one line naming that process's pid, and nothing written into
     the folder. After the writer is killed with -9 the lock is free (an OS lock: no marker outlives the process)."""
-    argv = [sys.executable, os.path.join(ROOT, "v2a_iql.py"), *target_only(tiny_data), "--total-steps", "100000",
-            "--eval-freq", "100000"]
+    argv = [sys.executable, os.path.join(ROOT, "v2a_iql.py"), *tiny_data["base_args"], "--variant", "target",
+            "--no-compile", "--total-steps", "5000", "--eval-freq", "5000", "--log-freq", "1000"]  # runs till killed
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     writer = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -315,6 +315,8 @@ def test_a_small_sweeps_page_says_what_it_scored(tmp_path):
 def test_the_estimate_measures_this_machine(tiny_data, tmp_path, monkeypatch, capsys):
     """The printed estimate scales the docs' rates by a probe of this machine: a machine at half their speed gets
     twice the time. The probe leaves the run's random streams alone."""
+    import v2a_timing  # here: the other tests of this file run on code that predates it
+
     rng = torch.get_rng_state()
     assert v2a_timing.machine_probe(torch.device("cpu"), seconds=0.05) > 0 and torch.equal(torch.get_rng_state(), rng)
     args = types.SimpleNamespace(env_id="Hopper-v4", repr_steps=100_000, sql_steps=0, dynamics_score="contrastive",
