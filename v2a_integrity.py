@@ -235,10 +235,10 @@ def cut_events(run_dir: str, keep: dict):
         kept = [r for r, e in ((r, Event.FromString(r)) for r in records)
                 if all(e.step <= keep[stage(v.tag)] for v in e.summary.value)]
         if len(kept) < len(records):
-            with open(path + ".tmp", "wb") as fh:
-                for r in kept:
-                    RecordWriter(fh).write(r)
-            os.replace(path + ".tmp", path)
+            buf = io.BytesIO()
+            for r in kept:
+                RecordWriter(buf).write(r)
+            write_whole(path, buf.getvalue())
 
 
 # ---- One writer per run folder ------------------------------------------------------------------------------------
@@ -292,6 +292,19 @@ def new_run_folder(path: str) -> str:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         return folder
+
+
+def write_whole(path: str, data):
+    """Writes `data` (str or bytes) to path + '.tmp', then renames it onto `path`: a file is replaced whole or not at
+    all. A failed write (a full disk) removes the .tmp, which would otherwise hold the space it took, and raises."""
+    try:
+        with open(path + ".tmp", "w" if isinstance(data, str) else "wb") as fh:
+            fh.write(data)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
 
 
 def why(e: BaseException) -> str:

@@ -1,6 +1,7 @@
 # Plumbing shared by v2a_iql.py and v2a_td3bc.py: flag and dataset checks, checkpoints that can be trusted (their keys
-# and checks are in v2a_integrity.py, imported here), the training loop's logging, evaluation and timing. The method
-# itself (networks, losses, stages) is in each script; nothing here changes what a run computes.
+# and checks, and the run folder's creation and lock, are in v2a_integrity.py), the training loop's logging, evaluation
+# and timing (--bench and the estimate in v2a_timing.py; both imported here). The method itself (networks, losses,
+# stages) is in each script; nothing here changes what a run computes.
 # docs: docs/v2a_iql.md ("Reading the code")
 import io
 import json
@@ -31,7 +32,18 @@ from torch.utils.tensorboard import SummaryWriter
 import data_gen
 from data_gen import DEFAULT_SOURCES, MAX_DATASET_TRANSITIONS, SUPPORTED_ENV_IDS, one_line
 from data_gen_parent import child_error
-from v2a_integrity import check_resume, cli, cut_events, fail, load_checkpoints, new_run_folder, sql_discount, stage_keys, why
+from v2a_integrity import (
+    check_resume,
+    cli,
+    cut_events,
+    fail,
+    load_checkpoints,
+    new_run_folder,
+    sql_discount,
+    stage_keys,
+    why,
+    write_whole,
+)
 from v2a_timing import bench_stage, estimate, machine_probe, machine_speed, matmul_rate
 
 __all__ = ["DEFAULT_SOURCES", "MAX_DATASET_TRANSITIONS", "SUPPORTED_ENV_IDS"]  # re-exported: data_gen.py's, not a copy
@@ -727,19 +739,6 @@ def write_results(run_dir: str, results: dict):
     except OSError as e:
         fail(f"cannot write {path} ({why(e)}); training is done and its checkpoint is intact: make room or make "
              f"{run_dir} writable, then write it with --resume {run_dir} (it repeats only the final evaluation)")
-
-
-def write_whole(path: str, data):
-    """Writes `data` (str or bytes) to path + '.tmp', then renames it onto `path`: a file is replaced whole or not at
-    all. A failed write (a full disk) removes the .tmp, which would otherwise hold the space it took, and raises."""
-    try:
-        with open(path + ".tmp", "w" if isinstance(data, str) else "wb") as fh:
-            fh.write(data)
-        os.replace(path + ".tmp", path)
-    except OSError:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise
 
 
 PERIODIC_EVAL_SEED, FINAL_EVAL_SEED = 10_000, 1_000_000  # episode seeds: seed + these + episode (distinct sets)
