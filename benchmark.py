@@ -194,7 +194,7 @@ def sweep_problems(cfg: Run, extra: list[str]) -> list[str]:
     """Everything `run` can check before it starts anything (--dry-run included), one line per problem: --workers,
     --seeds, the scripts, and for each script with a dataclass Args (script_args) --variants, the --grid flags and the
     flags after `--` against its own flags, then every run's whole command line as the script parses it (values of
-    the wrong type, a flag given twice)."""
+    the wrong type, also where a flag given twice overrides it)."""
     problems = []
     if cfg.workers < 1:
         problems.append(f"--workers {cfg.workers}: must be at least 1 (the runs at a time)")
@@ -224,15 +224,14 @@ def sweep_problems(cfg: Run, extra: list[str]) -> list[str]:
             if a.startswith("--") and not known(flag):
                 problems.append(f"{a} after `--`: {name} has no such flag{hint(flag)}")
         if len(problems) == own:  # the names hold: each run's command line, as the script will parse it
-            from v2a_integrity import flag_error, repeated_flags  # here: it imports torch, as the script did
+            from v2a_integrity import flag_error  # here: it imports torch, which the script's import has loaded
 
             try:
                 runs = [s for s in make_specs(cfg, extra) if s["script"] == path]
             except SystemExit as e:
                 problems.append(str(e).removeprefix("benchmark.py: error: "))
                 continue
-            errors = [e for s in runs for e in (repeated_flags(args_type, s["argv"]),
-                                                flag_error(args_type, s["argv"], repeats=False)[1])]
+            errors = [flag_error(args_type, s["argv"])[1] for s in runs]
             problems += [f"{name}: {e}" for e in errors if e]
     return list(dict.fromkeys(problems))  # each once: many runs share a problem
 

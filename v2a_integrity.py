@@ -147,14 +147,12 @@ def parse_flags(args_type, description: str, argv: Optional[list], **kwargs):
     return args
 
 
-def flag_error(args_type, argv: Optional[list], repeats: bool = True, **kwargs) -> tuple:
-    """(args, None) from tyro.cli, or (None, what is wrong in one line): a flag given twice (tyro takes its last value
-    and never reads the others, so `--total-steps abc ... --total-steps 1000` would run), or the message of tyro's
-    error box (and the flag it suggests for a misspelt one); `repeats` False: tyro's alone. --help, and a box it cannot
-    read, exit as tyro does. benchmark.py checks every run of a sweep with it before it starts any."""
+def flag_error(args_type, argv: Optional[list], **kwargs) -> tuple:
+    """(args, None) from tyro.cli, or (None, what is wrong in one line): the message of tyro's error box (and the flag
+    it suggests for a misspelt one), for the command line or for an earlier value of a flag given more than once
+    (earlier_values). --help, and a box it cannot read, exit as tyro does. benchmark.py checks every run of a sweep with
+    it before it starts any."""
     given = sys.argv[1:] if argv is None else list(argv)
-    if repeats and (twice := repeated_flags(args_type, given)):
-        return None, twice
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -170,25 +168,23 @@ def flag_error(args_type, argv: Optional[list], repeats: bool = True, **kwargs) 
         sys.stderr.write(err.getvalue())
         raise
     sys.stderr.write(err.getvalue())  # tyro's warnings, if it gave any
+    for earlier in earlier_values(args_type, given):
+        if error := flag_error(args_type, earlier)[1]:
+            return None, error
     return args, None
 
 
-def repeated_flags(args_type, argv: list) -> Optional[str]:
-    """One line naming each flag of `args_type` that `argv` gives more than once (a boolean's --flag and --no-flag
-    count as one flag), with the values given; None where there is none."""
-    names, given = {f.name.replace("_", "-") for f in fields(args_type)}, {}
+def earlier_values(args_type, argv: list) -> list[list]:
+    """Each value of a flag of `args_type` that `argv` gives before the flag's last one, as a command line of its own
+    (`--total-steps abc`). The last value counts, as argparse takes it, so that a flag can be given again to override
+    one before it; but tyro reads the last alone, and `--total-steps abc ... --total-steps 1000` would run: these are
+    parsed too."""
+    names, seen = {f.name.replace("_", "-") for f in fields(args_type)}, []
     for i, a in enumerate(argv):
-        if not a.startswith("--") or a == "--":
-            continue
-        flag, eq, value = a[2:].replace("_", "-").partition("=")
-        if flag not in names and flag.startswith("no-") and flag[3:] in names:  # a boolean's --no-flag
-            flag, value, eq = flag[3:], a, "="
-        elif flag in names and not eq:
-            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else a
-        if flag in names:
-            given.setdefault(flag, []).append(value)
-    twice = [f"--{k} is given {len(v)} times ({', '.join(v)})" for k, v in given.items() if len(v) > 1]
-    return "; ".join(twice) + ": give each flag once" if twice else None
+        flag = a[2:].partition("=")[0].replace("_", "-")
+        if a.startswith("--") and flag in names:
+            seen.append((flag, argv[i: i + (1 if "=" in a or i + 1 == len(argv) or argv[i + 1].startswith("--") else 2)]))
+    return [tokens for k, (flag, tokens) in enumerate(seen) if any(f == flag for f, _ in seen[k + 1:])]
 
 
 def read_checkpoint(path: str, key: dict, dev: torch.device, hint: str) -> dict:
