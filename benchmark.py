@@ -6,8 +6,11 @@
 # Re-launching skips finished runs and continues unfinished ones with the script's --resume. The training scripts do not
 # import ray, rliable or matplotlib; this file imports ray only with --ray-address, and the report (benchmark_report.py,
 # which imports rliable/matplotlib) only in report.
+import ast
 import csv
+import difflib
 import glob
+import importlib.util
 import itertools
 import json
 import os
@@ -18,14 +21,15 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import numpy as np
 import tyro
 
-from data_gen_parent import pid_alive
+from data_gen_parent import child_error, datasets_root, pid_alive
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ["v2a", "dvdf", "igdf", "merged", "target"]
@@ -166,6 +170,70 @@ def make_specs(cfg: Run, extra: list[str], launch: str = "") -> list[dict]:
     if len({s["name"] for s in specs}) < len(specs):
         raise SystemExit("benchmark.py: error: the grid names some runs twice (repeated values?)")
     return specs
+
+
+def script_args(path: str):
+    """The flags of a training script: its dataclass `Args`, imported from the file (its `__main__` block does not run).
+    None for a script without a top-level `class Args` (read from its source first, so that nothing of such a script
+    runs): its flags are its own, and only what the runner sets is checked."""
+    with open(path) as fh:
+        tree = ast.parse(fh.read(), path)
+    if not any(isinstance(n, ast.ClassDef) and n.name == "Args" for n in tree.body):
+        return None
+    spec = importlib.util.spec_from_file_location(f"benchmark_checks_{os.path.basename(path)[:-3]}", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # registered: tyro reads its source
+    sys.path.insert(0, os.path.dirname(path))  # the script's own imports (v2a_utils, ...) sit beside it
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(os.path.dirname(path))
+    return getattr(module, "Args", None)
+
+
+def sweep_problems(cfg: Run, extra: list[str]) -> list[str]:
+    """Everything `run` can check before it starts anything (--dry-run included), one line per problem: --workers,
+    --seeds, the scripts, and for each script with a dataclass Args (script_args) --variants, the --grid flags and the
+    flags after `--` against its own flags, then every run's whole command line as the script parses it (values of
+    the wrong type, also where a flag given twice overrides it)."""
+    problems = []
+    if cfg.workers < 1:
+        problems.append(f"--workers {cfg.workers}: must be at least 1 (the runs at a time)")
+    if bad := [s for s in cfg.seeds if not 0 <= s < 2**31]:
+        problems.append(f"--seeds {' '.join(map(str, bad))}: a seed lies in [0, 2^31), as the scripts' --seed")
+    for script in dict.fromkeys(cfg.scripts):
+        path = script_path(script)
+        if not os.path.exists(path):
+            problems.append(f"no training script {path}")
+            continue
+        args_type, name = script_args(path), os.path.basename(path)
+        if args_type is None:
+            continue
+        names = {f.name.replace("_", "-") for f in fields(args_type)}
+        known = lambda flag: flag in names or flag.startswith("no-") and flag[3:] in names  # a boolean's --no-flag
+        hint = lambda flag: "".join(f" (perhaps --{m})" for m in difflib.get_close_matches(flag, names, 1))
+        own = len(problems)
+        choices = typing.get_args(typing.get_type_hints(args_type).get("variant"))
+        if choices and (bad := [v for v in cfg.variants if v not in choices]):
+            problems.append(f"--variants {' '.join(bad)}: {name} has no such --variant; it takes {', '.join(choices)}")
+        for g in cfg.grid:
+            flag = g.partition("=")[0].replace("_", "-")
+            if not known(flag):
+                problems.append(f"--grid {g}: {name} has no flag --{flag}{hint(flag)}")
+        for a in extra:
+            flag = a[2:].partition("=")[0].replace("_", "-")
+            if a.startswith("--") and not known(flag):
+                problems.append(f"{a} after `--`: {name} has no such flag{hint(flag)}")
+        if len(problems) == own:  # the names hold: each run's command line, as the script will parse it
+            from v2a_integrity import flag_error  # here: it imports torch, which the script's import has loaded
+
+            try:
+                runs = [s for s in make_specs(cfg, extra) if s["script"] == path]
+            except SystemExit as e:
+                problems.append(str(e).removeprefix("benchmark.py: error: "))
+                continue
+            errors = [flag_error(args_type, s["argv"])[1] for s in runs]
+            problems += [f"{name}: {e}" for e in errors if e]
+    return list(dict.fromkeys(problems))  # each once: many runs share a problem
 
 
 # ---- One run: its state, its process, its record ---------------------------------------------------------------------
@@ -344,7 +412,8 @@ def write_json(path: str, obj):
 
 # ---- The sweep: local pool or Ray --------------------------------------------------------------------------------------
 def prepare_datasets(specs: list[dict]):
-    """data_gen.py once per distinct dataset flags, one after the other (it reuses existing datasets)."""
+    """data_gen.py once per distinct dataset flags, one after the other (it reuses existing datasets); its failure is
+    one line, as a training script reports it (child_error)."""
     seen = set()
     for s in specs:
         data_gen = os.path.join(os.path.dirname(s["script"]), "data_gen.py")
@@ -353,11 +422,19 @@ def prepare_datasets(specs: list[dict]):
             seen.add((data_gen, *args))
             print(f"[benchmark] datasets: python data_gen.py {' '.join(args)}", flush=True)
             env = dict(os.environ, OMP_NUM_THREADS="1")
-            if subprocess.run([sys.executable, data_gen, *args], cwd=os.path.dirname(data_gen), env=env).returncode:
-                raise SystemExit("benchmark.py: error: data_gen.py failed (above); no run was started")
+            proc = subprocess.run([sys.executable, data_gen, *args], cwd=os.path.dirname(data_gen), env=env,
+                                  stderr=subprocess.PIPE, text=True)
+            if not proc.returncode:
+                sys.stderr.write(proc.stderr)  # a note it gave (it waited for another data_gen.py)
+                continue
+            line, output = child_error(proc.returncode, proc.stderr, datasets_root())
+            sys.stderr.write(output)
+            raise SystemExit(f"benchmark.py: error: {line}; no run was started")
 
 
 def run_sweep(cfg: Run, extra: list[str], launch: str = "") -> int:
+    if problems := sweep_problems(cfg, extra):  # before anything starts, --dry-run included
+        raise SystemExit("\n".join(f"benchmark.py: error: {p}" for p in problems))
     specs = make_specs(cfg, extra, launch)
     states = {s["name"]: run_state(s)[0] for s in specs}
     todo = [s for s in specs if states[s["name"]] == "resume"] + [s for s in specs if states[s["name"]] == "new"]
@@ -572,6 +649,11 @@ def main(argv: list[str]) -> int:
     if isinstance(cfg, Report):
         if extra:
             raise SystemExit("benchmark.py: error: report takes no flags after `--`")
+        sweep = os.path.basename(cfg.sweep.rstrip("/"))
+        runs_dir, res_dir = os.path.join(cfg.runs_root, sweep), os.path.join(cfg.results_root, sweep)
+        if not glob.glob(os.path.join(runs_dir, "*", "")) and not glob.glob(os.path.join(res_dir, "*", "")):
+            raise SystemExit(f"benchmark.py: error: sweep {sweep} has no runs, neither in {runs_dir}/ nor in {res_dir}/: "
+                             f"nothing to report (a misspelt --sweep?); no page was written")
         from benchmark_report import report  # here, not at the top: it imports this module (ROOT, export_run, ...)
 
         report(cfg)

@@ -5,6 +5,7 @@
 # imports this file only for `report`; rliable and matplotlib are imported here only where they are used.
 import csv
 import glob
+import itertools
 import json
 import os
 import shlex
@@ -61,8 +62,8 @@ def load_runs(folder: str) -> list[dict]:
                     curves.setdefault(row["tag"], []).append((int(row["step"]), float(row["value"])))
         runs.append(dict(dir=d, name=os.path.basename(d), task=task, variant=args.get("variant"), seed=args.get("seed"),
                          method=" ".join([args.get("variant", "?"), *extra]), args=args, rec=rec, finished=finished,
-                         # the score: the final evaluation (>= 50 episodes, its own seeds); runs that predate it, the last
-                         # periodic evaluation (labelled so on the page)
+                         # the score: the final evaluation (its own seeds); runs that predate it, the last periodic
+                         # evaluation (labelled so on the page)
                          score=(final["normalized_score"] if final else evals[-1]) if finished else None,
                          final=final, evals=evals, curves=curves, accuracy=(res or {}).get("filter_accuracy"),
                          filter_only=bool((res or {}).get("filter_only")),
@@ -104,11 +105,6 @@ def method_order(m: str) -> tuple:
 
 def variant_of(m: str) -> str:
     return m.split(" ")[0]
-
-
-def tail_score(r: dict, k: int) -> float:
-    """The mean of a finished run's last k periodic evaluations."""
-    return float(np.mean(r["evals"][-k:]))
 
 
 def compared_pairs(methods: list[str]) -> list[tuple[str, str]]:
@@ -587,7 +583,6 @@ VALUE_TAGS = {"charts/q_target_rows": "min Q on the batch's target rows (mean of
               "charts/awr_weight_source_share": "IQL: source rows' share of the actor's weight"}
 
 
-
 def say(msg: str):
     print(f"[report] {msg}", flush=True)
 
@@ -599,21 +594,21 @@ def doc_link(page: str) -> str:
 
 
 def rule_lines(cfg: "Report", page: str) -> list[str]:
-    return [f"**The verdict rule** ([docs/benchmark.md]({doc_link(page)}), fixed before the runs, applied "
-            "to every table below the same way). *Score:* the final evaluation of each finished run (at least 50 "
-            "episodes, its own seeds); runs that predate it are scored by their last periodic evaluation, and their table "
-            "says so. Normalized score: 100 · (return − ref_min) / (ref_max − ref_min) with reference returns measured in "
-            "our own target envs (not comparable with D4RL). *Statistics* (rliable): IQM (interquartile mean) with its 95 % "
-            f"stratified-bootstrap percentile CI ({cfg.reps} replications); P(X > Y), the probability that a run of X "
-            f"scores above a run of Y (Mann-Whitney), with a stratified-bootstrap CI ({cfg.poi_reps} replications) at "
-            "1 − 0.05 / k, k the pairwise comparisons the table reports (Bonferroni: a family-wise error of 5 % for the "
-            "table). *A claim X > Y holds* when that CI lies above 0.5, is *reversed* when it lies below, and is *not "
-            "resolved* otherwise; the IQMs are descriptive. *The ranking* V2A > DVDF > IGDF > merged holds when each of "
-            "its three steps holds. *Check:* each claim also gives the two-sided Mann-Whitney U test of P = 0.5 (exact for "
-            "fewer than 8 seeds a method, without ties), Holm-adjusted over the same family; where it disagrees with the "
-            "CI, the line says so (with 5 seeds the percentile bootstrap is the more liberal of the two). *Seeds:* a method "
-            f"with fewer than {MIN_SEEDS} finished seeds gets its mean and range "
-            "(min–max) only, no IQM, CI or verdict.", ""]
+    return [f"**The verdict rule** ([docs/benchmark.md]({doc_link(page)}), fixed before the runs, applied to every table "
+            "below the same way). *Score:* the final evaluation of each finished run (its `--final-eval-episodes` "
+            "episodes, 50 by default, on seeds of its own: each table says how many); runs that predate it are scored by "
+            "their last periodic evaluation, and their table says so. Normalized score: 100 · (return − ref_min) / "
+            "(ref_max − ref_min) with reference returns measured in our own target envs (not comparable with D4RL). "
+            "*Statistics* (rliable): IQM (interquartile mean) with its 95 % stratified-bootstrap percentile CI "
+            f"({cfg.reps} replications); P(X > Y), the probability that a run of X scores above a run of Y (Mann-Whitney), "
+            f"with a stratified-bootstrap CI ({cfg.poi_reps} replications) at 1 − 0.05 / k, k the pairwise comparisons "
+            "the table reports (Bonferroni: a family-wise error of 5 % for the table). *A claim X > Y holds* when that CI "
+            "lies above 0.5, is *reversed* when it lies below, and is *not resolved* otherwise; the IQMs are descriptive. "
+            "*The ranking* V2A > DVDF > IGDF > merged holds when each of its three steps holds. *Check:* each claim also "
+            "gives the two-sided Mann-Whitney U test of P = 0.5 (exact for fewer than 8 seeds a method, without ties), "
+            "Holm-adjusted over the same family; where it disagrees with the CI, the line says so (with 5 seeds the "
+            f"percentile bootstrap is the more liberal of the two). *Seeds:* a method with fewer than {MIN_SEEDS} finished "
+            "seeds gets its mean and range (min–max) only, no IQM, CI or verdict.", ""]
 
 
 def report(cfg: "Report") -> dict:
@@ -664,9 +659,10 @@ def report(cfg: "Report") -> dict:
                 top.append(f"**{task_label(task)}: no learner's level reaches behaviour cloning's** (BC {anc['bc']:.1f}; "
                            f"the best, `{best}`, {learners[best]:.1f}; levels are IQMs, or means below 5 seeds: "
                            "descriptive, not a claim).")
-        say(f"{task_label(task)}: evaluation-noise check (the mean of the last {cfg.tail_evals} periodic evaluations)")
-        st["tail"] = task_stats(truns, cfg.reps, cfg.poi_reps, cfg.seed, lambda r: tail_score(r, cfg.tail_evals))
-        L += ["", *tail_lines(cfg.tail_evals, truns, st["tail"]), ""]
+        k = min([cfg.tail_evals] + [len(r["evals"]) for r in truns if r["finished"]])  # a small sweep's runs: fewer
+        say(f"{task_label(task)}: evaluation-noise check (the mean of the last {k} periodic evaluations)")
+        st["tail"] = task_stats(truns, cfg.reps, cfg.poi_reps, cfg.seed, lambda r: float(np.mean(r["evals"][-k:])))
+        L += ["", *tail_lines(k, truns, st["tail"]), ""]
         fin = [r for r in truns if r["finished"]]  # the figures show the table's runs
         figs = plot_task_figures(task, truns, st, anc, figures, cfg.seed) + plot_diagnostics(task, fin, figures)
         for f, caption in figs:
@@ -780,11 +776,7 @@ def elide_paths(command: str) -> str:
 def concurrency(attempts: list[dict]) -> int:
     """The most attempts running at the same time on one machine."""
     events = sorted((t, d) for a in attempts if a.get("end") for t, d in ((a["start"], 1), (a["end"], -1)))
-    now = most = 0
-    for _, d in events:
-        now += d
-        most = max(most, now)
-    return most
+    return max(itertools.accumulate(d for _, d in events), default=0)
 
 
 def setup_lines(runs: list[dict]) -> list[str]:

@@ -8,19 +8,20 @@ behaviour policy) and a small target dataset in the nominal environment.
 """
 import contextlib
 import fcntl
+import inspect
 import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from data_gen_parent import parent_now, pid_alive, tie_to_parent
+from data_gen_parent import datasets_root, no_space, parent_now, probe_path, remove_stale, staging_dir, tie_to_parent
 
 # Who started this process, read before the imports below take their second or two: tie_to_parent() needs the parent as
 # it was then (one killed meanwhile is gone from /proc, and this process has a new parent).
@@ -42,7 +43,7 @@ class Args:
     """Generate V2A's heterogeneous cross-domain datasets with Minari: a source mixture of dynamics-shifted domains,
     each collected by its own behaviour policy (random, medium or expert), and a medium-quality target dataset of
     the nominal env, with reference scores. Example: `python data_gen.py --env-id Hopper-v4` (1M source and 100k
-    target transitions, about 4 min on a 2-core CPU; written under $MINARI_DATASETS_PATH, default
+    target transitions, 4 to 8 min on a 2-core CPU, with progress lines; written under $MINARI_DATASETS_PATH, default
     ~/.minari/datasets). Supported env ids: Hopper, Walker2d, HalfCheetah, Ant, each -v4 or -v5; each robot has a
     default mixture (DEFAULT_SOURCES). `--train-domain DOMAIN` instead trains the behaviour policies of a domain
     (SAC, about 45-60 min). Details: docs/data_gen.md."""
@@ -154,6 +155,16 @@ def domain_names(robot: str) -> list[str]:
     return (["nominal"] + [f"gravity-{l}" for l in SCALE_LEVELS] + [f"friction-{l}" for l in SCALE_LEVELS]
             + [f"{j}-{l}" for j in ROBOTS[robot]["joints"] for l in levels]
             + [f"{p}-{l}" for p in ROBOTS[robot]["parts"] for l in levels])
+
+
+def description() -> str:
+    """--help's text: Args' docstring and the shifts of every robot (made from ROBOTS: exactly what check_domain
+    accepts)."""
+    common = ", ".join(d for d in domain_names("Hopper") if d.startswith(("gravity-", "friction-")))
+    own = "; ".join(f"{robot} " + ", ".join([*parts["joints"], *parts["parts"]]) for robot, parts in ROBOTS.items())
+    return (f"{inspect.cleandoc(Args.__doc__)}\n\nShifts (the domains of --source and --train-domain; nominal: the "
+            f"target's own dynamics): {common} for every robot; and each robot's joint ranges and limbs, as <name>-easy, "
+            f"<name>-medium or <name>-hard (e.g. legjnt-hard): {own}.")
 
 
 def check_domain(robot: str, domain: str) -> str:
@@ -500,41 +511,53 @@ def float32_box(space: gym.spaces.Box) -> gym.spaces.Box:
     return gym.spaces.Box(space.low.astype(np.float32), space.high.astype(np.float32), space.shape, np.float32)
 
 
-def datasets_root() -> str:
-    """Minari's datasets root ($MINARI_DATASETS_PATH, default ~/.minari/datasets), without creating it (Minari's
-    own `get_dataset_path` creates it, which fails with a traceback where it cannot)."""
-    path = os.environ.get("MINARI_DATASETS_PATH")
-    if path is None:
-        path = os.path.join(os.path.expanduser("~"), ".minari", "datasets")
-    return os.path.abspath(path)
-
-
-def staging_dir(root: str, pid: int) -> str:
-    return f"{root}-staging-{pid}"
-
-
 def dataset_exists(dataset_id: str) -> bool:
     return os.path.exists(os.path.join(datasets_root(), dataset_id))
 
 
+ROOM_HINT = "make room there, or set MINARI_DATASETS_PATH to a folder on a disk with room"
+
+
 def check_writable(root: str):
     """Create (and remove) a probe file in the datasets root and the staging folder beside it; permission bits
-    say nothing when running as root, so only trying tells."""
+    say nothing when running as root, so only trying tells. A full disk fails here too, at the probe's write."""
+    probe, staging = probe_path(root, os.getpid()), staging_dir(root, os.getpid())
     try:
         os.makedirs(root, exist_ok=True)
-        probe = os.path.join(root, f".v2a-write-probe-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("probe\n")
-        os.remove(probe)
-        staging = staging_dir(root, os.getpid())
+        try:
+            with open(probe, "w") as f:
+                f.write("probe\n")
+        finally:  # also when the write failed: an empty probe would stay for good
+            if os.path.exists(probe):
+                os.remove(probe)
         try:  # a SIGTERM in between (main installs its handler first) still removes the probe folder
             os.makedirs(staging, exist_ok=True)
         finally:
             if os.path.isdir(staging):
                 os.rmdir(staging)
     except OSError as e:
+        if no_space(e):
+            raise DataGenError(f"no space left on device under {root} ({one_line(e)}); {ROOM_HINT}") from None
         raise DataGenError(f"cannot write datasets under {root} ({one_line(e)}); set MINARI_DATASETS_PATH to a "
                            f"writable folder") from None
+
+
+def check_space(folder: str, need: float, root: str, what: str):
+    """Stop before writing `what` (about `need` bytes) into `folder` when its disk has less room: h5py writing into
+    a full disk prints a traceback for every object it closes and can crash the interpreter (a segfault), so a full
+    disk is caught before the write, as one line naming the datasets folder `root`."""
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise DataGenError(f"no space left on device under {root}: {what}: {need / 1e6:,.1f} MB needed, "
+                           f"{free / 1e6:,.1f} MB free; {ROOM_HINT}")
+
+
+def dataset_bytes(buffers: list) -> float:
+    """The size on disk of a dataset of these episodes, from above: their arrays, Minari's hdf5 storage of about 14.4 KB
+    per episode (measured on the default Hopper datasets: 132 to 9,904 episodes), and 256 KB for its metadata."""
+    arrays = sum(b.observations.nbytes + b.actions.nbytes + b.rewards.nbytes + b.terminations.nbytes
+                 + b.truncations.nbytes for b in buffers)
+    return 1.05 * (arrays + 16_000 * len(buffers)) + 256e3
 
 
 @contextlib.contextmanager
@@ -560,17 +583,6 @@ def generation_lock(root: str):
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def remove_stale_staging(root: str):
-    """Remove the staging folders of interrupted or failed generations: those whose process is gone."""
-    parent, base = os.path.split(root)
-    pattern = re.compile(re.escape(base) + r"-staging-(\d+)")
-    for name in sorted(os.listdir(parent)):
-        match = pattern.fullmatch(name)
-        if match and (int(match.group(1)) == os.getpid() or not pid_alive(int(match.group(1)))):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-            print(f"removed {os.path.join(parent, name)}, left by an interrupted data_gen.py (pid {match.group(1)})")
 
 
 def write_dataset(dataset_id: str, staging: str, generation: dict, **create_kwargs):
@@ -662,12 +674,15 @@ def generate(args: Args, robot: str):
 
     plan(args, robot, jobs, generation)  # check everything before the first write
     root = datasets_root()
+    for path in remove_stale(root):  # before the checks: on a full disk, what a dead run left keeps it full
+        print(f"removed {path}, left by a data_gen.py that is gone")
     check_writable(root)
     start = time.time()
     with generation_lock(root):
-        remove_stale_staging(root)
         todo = plan(args, robot, jobs, generation)  # again: another writer may have made some while we waited
         staging = staging_dir(root, os.getpid())
+        check_space(root, sum(disk_bytes(robot, n) for *_, n in todo), root,
+                    f"the {len(todo)} datasets to write (a lower bound)")
         try:
             os.makedirs(staging)
             for k, job in enumerate(jobs):
@@ -702,7 +717,14 @@ def generate(args: Args, robot: str):
                         f"data_gen:make_shifted_env. recover_environment() imports the module data_gen of the v2a "
                         f"repository: install it once with `pip install -r requirements.txt` (or `pip install -e .`) "
                         f"in the repository. Episode metadata: options.domain, options.quality. Seed {args.seed}.")
-                write_dataset(dataset_id, staging, generation(domain, quality, n), **kwargs)
+                check_space(staging, dataset_bytes(buffers), root, f"{dataset_id} ({len(buffers)} episodes)")
+                try:
+                    write_dataset(dataset_id, staging, generation(domain, quality, n), **kwargs)
+                except Exception as e:  # the disk filled meanwhile (another writer): one line, and the staging goes
+                    if not no_space(e):
+                        raise
+                    raise DataGenError(f"no space left on device under {root} while writing {dataset_id} "
+                                       f"({one_line(e)[:120]}); {ROOM_HINT}") from None
                 print(f"      written in {time.time() - t0:.0f} s; total {time.time() - start:.0f} s", flush=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -720,6 +742,10 @@ def _terminate(signum, frame):
 
 
 def main(args: Args):
+    # warnings that tell a user nothing here: the -v4 envs are supported on purpose (README, "Robots"), and Minari asks
+    # every dataset for its author's email address
+    warnings.filterwarnings("ignore", message=r".*The environment .* is out of date", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r"`author_email` is set to None", category=UserWarning)
     robot = robot_of(args.env_id)
     args.source = resolve_source(args.env_id, args.source)
     signal.signal(signal.SIGTERM, _terminate)  # first: the checks below already create (and remove) a staging folder
@@ -759,7 +785,7 @@ if __name__ == "__main__":
     # copy of its classes, so that `except DataGenError` catches what either raises
     import data_gen
     try:
-        data_gen.main(tyro.cli(data_gen.Args))
+        data_gen.main(tyro.cli(data_gen.Args, description=data_gen.description()))
     except data_gen.DataGenError as e:
         sys.exit(f"data_gen.py: error: {e}")
     except KeyboardInterrupt:

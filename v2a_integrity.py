@@ -1,16 +1,21 @@
 # Run integrity for v2a_iql.py and v2a_td3bc.py: --resume and --reuse-stages load only what the current flags would
-# compute. Each stage's key (what determined its result, stored in its checkpoint), the checks of a run to resume and
-# of the checkpoints it loads, the command line that takes a resumed run's own flags, and the cut of its TensorBoard
-# events. v2a_utils.py imports what the scripts call (utils.cli, utils.check_resume, utils.stage_keys) back from here;
-# fail(), the one-line error of every check, lives here so that this module does not import v2a_utils.py.
+# compute, and one process at a time writes into a run folder. Each stage's key (what determined its result, stored in
+# its checkpoint), the checks of a run to resume and of the checkpoints it loads, the command line that takes a resumed
+# run's own flags, the cut of its TensorBoard events, and the run folder's creation and lock. v2a_utils.py imports what
+# the scripts call (utils.cli, utils.check_resume, utils.stage_keys) back from here; fail(), the one-line error of every
+# check, lives here so that this module does not import v2a_utils.py.
 # docs: docs/v2a_iql.md ("Reading the code")
 import contextlib
+import fcntl
 import glob
 import io
+import itertools
 import json
 import os
 import re
+import shutil
 import sys
+import time
 from dataclasses import fields
 from typing import Optional
 
@@ -18,6 +23,7 @@ import torch
 import tyro
 
 from data_gen import one_line
+from data_gen_parent import no_space
 
 
 def fail(msg: str):
@@ -80,8 +86,14 @@ def differences(old, new, prefix: str = "") -> list[str]:
 
 
 def check_resume(args, script: str):
-    """--resume: the run must be one of this script's, made with the same flags apart from RESUME_FREE and a larger
-    --total-steps; it loads its stages 1-4 from where it loaded them (its --reuse-stages)."""
+    """--resume: first the run folder's lock (nothing else may write into it from here on), then the run must be one of
+    this script's, made with the same flags apart from RESUME_FREE and a larger --total-steps; it loads its stages 1-4
+    from where it loaded them (its --reuse-stages)."""
+    try:
+        lock_run_folder(args.resume)
+    except OSError as e:
+        fail(f"cannot write the run folder {args.resume} ({why(e)}); make it writable, or copy it to a writable place "
+             f"and --resume the copy")
     path = os.path.join(args.resume, "args.json")
     try:
         with open(path) as fh:
@@ -129,12 +141,23 @@ def run_flags(run_dir: str, args_type):
 
 
 def parse_flags(args_type, description: str, argv: Optional[list], **kwargs):
-    """tyro.cli; its error box -> fail() with the box's message on one line (and the flag it suggests for a misspelt
-    one). A box it cannot read is passed on as tyro drew it."""
+    """tyro.cli, with its complaints as one fail() line (flag_error)."""
+    args, error = flag_error(args_type, argv, description=description, **kwargs)
+    if error:
+        fail(f"{error}; python {os.path.basename(sys.argv[0])} --help lists the flags")
+    return args
+
+
+def flag_error(args_type, argv: Optional[list], **kwargs) -> tuple:
+    """(args, None) from tyro.cli, or (None, what is wrong in one line): the message of tyro's error box (and the flag
+    it suggests for a misspelt one), for the command line or for an earlier value of a flag given more than once
+    (earlier_values). --help, and a box it cannot read, exit as tyro does. benchmark.py checks every run of a sweep with
+    it before it starts any."""
+    given = sys.argv[1:] if argv is None else list(argv)
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            args = tyro.cli(args_type, description=description, args=argv, **kwargs)
+            args = tyro.cli(args_type, args=given, **kwargs)
     except SystemExit as e:
         rows = [r.strip("│ ") for r in re.sub(r"\x1b\[[0-9;]*m", "", err.getvalue()).splitlines() if r.startswith("│")]
         cut = [i for i, r in enumerate(rows) if r and set(r) == {"─"}] + [len(rows)]  # the box's section rules
@@ -142,11 +165,27 @@ def parse_flags(args_type, description: str, argv: Optional[list], **kwargs):
         if "Perhaps you meant:" in rows[cut[0]: cut[0] + 2] and len(rows) > cut[0] + 2:
             message += f" (perhaps {rows[cut[0] + 2].split()[0]})"
         if e.code and message:
-            fail(f"{message.rstrip('.')}; python {os.path.basename(sys.argv[0])} --help lists the flags")
+            return None, message.rstrip(".")
         sys.stderr.write(err.getvalue())
         raise
     sys.stderr.write(err.getvalue())  # tyro's warnings, if it gave any
-    return args
+    for earlier in earlier_values(args_type, given):
+        if error := flag_error(args_type, earlier)[1]:
+            return None, error
+    return args, None
+
+
+def earlier_values(args_type, argv: list) -> list[list]:
+    """Each value of a flag of `args_type` that `argv` gives before the flag's last one, as a command line of its own
+    (`--total-steps abc`). The last value counts, as argparse takes it, so that a flag can be given again to override
+    one before it; but tyro reads the last alone, and `--total-steps abc ... --total-steps 1000` would run: these are
+    parsed too."""
+    names, seen = {f.name.replace("_", "-") for f in fields(args_type)}, []
+    for i, a in enumerate(argv):
+        flag = a[2:].partition("=")[0].replace("_", "-")
+        if a.startswith("--") and flag in names:
+            seen.append((flag, argv[i: i + (1 if "=" in a or i + 1 == len(argv) or argv[i + 1].startswith("--") else 2)]))
+    return [tokens for k, (flag, tokens) in enumerate(seen) if any(f == flag for f, _ in seen[k + 1:])]
 
 
 def read_checkpoint(path: str, key: dict, dev: torch.device, hint: str) -> dict:
@@ -193,7 +232,79 @@ def cut_events(run_dir: str, keep: dict):
         kept = [r for r, e in ((r, Event.FromString(r)) for r in records)
                 if all(e.step <= keep[stage(v.tag)] for v in e.summary.value)]
         if len(kept) < len(records):
-            with open(path + ".tmp", "wb") as fh:
-                for r in kept:
-                    RecordWriter(fh).write(r)
-            os.replace(path + ".tmp", path)
+            buf = io.BytesIO()
+            for r in kept:
+                RecordWriter(buf).write(r)
+            write_whole(path, buf.getvalue())
+
+
+# ---- One writer per run folder ------------------------------------------------------------------------------------
+RUN_LOCK = ".v2a-run.lock"  # in the run folder; it holds the pid of the process that holds (or last held) the lock
+HELD: list = []  # the descriptor of this process's run lock, open until the process ends
+
+
+def lock_run_folder(run_dir: str):
+    """An exclusive OS lock (flock) on the run folder's lock file, taken before anything is written into the folder and
+    held until this process ends: any exit releases it, kill -9 included, so no stale marker outlives a run. A second
+    process that would write there (a second --resume of a running run) stops with one line naming the holder. One
+    run per process: a lock this process still holds is that of a run that has ended in it (the tests call main()
+    several times in one process). An OSError (a folder that cannot be written) is the caller's to report."""
+    while HELD:
+        os.close(HELD.pop())
+    fd = os.open(os.path.join(run_dir, RUN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        for _ in range(20):  # the holder writes its pid right after it takes the lock
+            if holder := os.pread(fd, 32, 0).decode(errors="replace").strip():
+                break
+            time.sleep(0.05)
+        os.close(fd)
+        fail(f"{run_dir} is in use by another process (pid {holder or '?'}), which writes into it: one process at a time "
+             f"may. Wait for it to end, or stop it (kill {holder or '<pid>'}) and run this command again")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        os.close(fd)
+        raise
+    HELD.append(fd)
+
+
+def new_run_folder(path: str) -> str:
+    """Makes the run folder `path` (runs/<env>__<exp>__<row>__<seed>__<time>) for this process alone, and locks it:
+    os.mkdir fails where the folder exists, so a run started in the same second as another (with any flags) gets
+    `path`-2 (then -3, ...) instead of sharing its folder. Returns the folder made."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    for k in itertools.count(1):
+        folder = path if k == 1 else f"{path}-{k}"
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            continue
+        try:
+            lock_run_folder(folder)
+        except OSError:  # the lock file cannot be written (a full disk): the folder, empty, goes with the error
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return folder
+
+
+def write_whole(path: str, data):
+    """Writes `data` (str or bytes) to path + '.tmp', then renames it onto `path`: a file is replaced whole or not at
+    all. A failed write (a full disk) removes the .tmp, which would otherwise hold the space it took, and raises."""
+    try:
+        with open(path + ".tmp", "w" if isinstance(data, str) else "wb") as fh:
+            fh.write(data)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
+
+
+def why(e: BaseException) -> str:
+    """A failed write's reason for a one-line error: 'no space left on device' for a full disk, which h5py and torch
+    report in other words (torch.save: 'unexpected pos'), else the error itself."""
+    return "no space left on device" if no_space(e) else one_line(e)

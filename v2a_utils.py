@@ -1,12 +1,15 @@
 # Plumbing shared by v2a_iql.py and v2a_td3bc.py: flag and dataset checks, checkpoints that can be trusted (their keys
-# and checks are in v2a_integrity.py, imported here), the training loop's logging, evaluation and timing. The method
-# itself (networks, losses, stages) is in each script; nothing here changes what a run computes.
+# and checks, and the run folder's creation and lock, are in v2a_integrity.py), the training loop's logging, evaluation
+# and timing (--bench and the estimate in v2a_timing.py; both imported here). The method itself (networks, losses,
+# stages) is in each script; nothing here changes what a run computes.
 # docs: docs/v2a_iql.md ("Reading the code")
+import io
 import json
 import math
 import os
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,11 +31,25 @@ from torch.utils.tensorboard import SummaryWriter
 
 import data_gen
 from data_gen import DEFAULT_SOURCES, MAX_DATASET_TRANSITIONS, SUPPORTED_ENV_IDS, one_line
-from v2a_integrity import check_resume, cli, cut_events, fail, load_checkpoints, sql_discount, stage_keys
+from data_gen_parent import child_error
+from v2a_integrity import (
+    check_resume,
+    cli,
+    cut_events,
+    fail,
+    load_checkpoints,
+    new_run_folder,
+    sql_discount,
+    stage_keys,
+    why,
+    write_whole,
+)
 from v2a_stability import ValueWatch
+from v2a_timing import bench_stage, estimate, machine_probe, machine_speed, matmul_rate
 
 __all__ = ["DEFAULT_SOURCES", "MAX_DATASET_TRANSITIONS", "SUPPORTED_ENV_IDS"]  # re-exported: data_gen.py's, not a copy
 __all__ += ["check_resume", "cli", "sql_discount", "stage_keys"]  # re-exported: v2a_integrity.py's (utils.X in the scripts)
+__all__ += ["bench_stage", "estimate"]  # re-exported: v2a_timing.py's
 
 
 def parse_source(spec: str) -> list[tuple[str, str, float]]:
@@ -95,8 +112,8 @@ def validate_args(args, variant_stages: dict, filtered: dict, backbone_errors: l
         *[(n <= 0 and not bench, f"--{flag} must be > 0 for the {args.variant} variant, got {n}")
           for flag, n in [budgets[k] for k in trained] + [("total-steps", args.total_steps)]],
         *[(n < 0, f"--{flag} must be >= 0, got {n}") for flag, n in budgets.values()],
-        (min(args.eval_freq, args.eval_episodes, args.final_eval_episodes, args.log_freq, args.batch_size, args.z_dim) <= 0,
-         "--eval-freq, --eval-episodes, --final-eval-episodes, --log-freq, --batch-size and --z-dim must be > 0"),
+        *[(n <= 0, f"--{flag.replace('_', '-')} must be > 0, got {n}") for flag, n in [(f, getattr(args, f)) for f in (
+            "eval_freq", "eval_episodes", "final_eval_episodes", "log_freq", "batch_size", "z_dim")]],
         (args.threads < 1, f"--threads {args.threads}: must be at least 1"),
         (not 0 < args.learning_rate < math.inf, f"--learning-rate must be finite and > 0, got {args.learning_rate}"),
         (not 0 < args.sql_alpha < math.inf, f"--sql-alpha must be finite and > 0, got {args.sql_alpha}"),
@@ -170,10 +187,10 @@ def run_data_gen(args, missing: list[str]):
                 child.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(child.pid, signal.SIGKILL)
-    if child.returncode != 0:
-        errors = [line for line in err.splitlines() if line.startswith("data_gen.py: error: ")]
-        sys.stderr.write("" if errors else err)  # no one-line error: a crash, whose traceback the user needs
-        fail(errors[-1] if errors else f"data_gen.py exited with status {child.returncode}")
+    if child.returncode != 0:  # its one-line error; a crash on a full disk as one line too (what it left is removed)
+        line, output = child_error(child.returncode, err, data_gen.datasets_root())
+        sys.stderr.write(output)  # another crash: its traceback, which the user needs
+        fail(line)
 
 
 def load_data(args, device: torch.device) -> dict:
@@ -455,45 +472,15 @@ def adam_step_(opt: torch.optim.Adam, grads: dict):
     torch._foreach_sub_(group["params"], update)
 
 
-def bench_stage(name: str, step_fn, steps: int, warmup: int = 20, matmul_gflops: float = 0.0):
-    """Print the rate of `step_fn` over a timed window after `warmup` calls (compilation happens there), and the
-    achieved GFLOP/s (FLOPs counted on one eager call by FlopCounterMode) against the measured matmul rate."""
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        out = step_fn(i + 1)
-    out.tolist()  # waits for the device
-    t1 = time.perf_counter()
-    for i in range(steps):
-        out = step_fn(warmup + i + 1)
-    out.tolist()
-    dt = time.perf_counter() - t1
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
-        step_fn(warmup + steps + 1)
-    gflop = counter.get_total_flops() / 1e9
-    roof = f" = {100 * gflop * steps / dt / matmul_gflops:.0f} % of the matmul rate" if matmul_gflops else ""
-    print(f"bench {name}: {steps / dt:.1f} steps/s ({1000 * dt / steps:.2f} ms/step; warm-up {t1 - t0:.1f} s); "
-          f"{gflop:.3f} GFLOP/step, {gflop * steps / dt:.0f} GFLOP/s{roof}", flush=True)
-
-
-def matmul_rate(dev: torch.device, m: int = 192, k: int = 256, n: int = 256, seconds: float = 1.0) -> float:
-    """GFLOP/s of an fp32 [m, k] x [k, n] matmul, the largest shape of the stage-5 update: the roofline reference."""
-    a, b, reps = torch.randn(m, k, device=dev), torch.randn(k, n, device=dev), 0
-    (a @ b).sum().item()
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(100):
-            c = a @ b
-        c.sum().item()
-        reps += 100
-    return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
-
-
 def save(obj: dict, path: str):
+    """A checkpoint, replaced whole or not at all (write_whole: an interrupted save leaves the previous one intact).
+    Serialised in memory first: torch.save into a full disk reports only 'unexpected pos ...', a file's write ENOSPC."""
     try:
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: an interrupted save leaves the previous checkpoint intact
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        write_whole(path, buf.getbuffer())
     except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot write as a RuntimeError
-        fail(f"cannot write {path} ({one_line(e)}); the checkpoints written before are intact: make room or make "
+        fail(f"cannot write {path} ({why(e)}); the checkpoints written before are intact: make room or make "
              f"{os.path.dirname(path) or '.'} writable, then continue the run with --resume {os.path.dirname(path)}")
 
 
@@ -597,8 +584,9 @@ def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys
     bench = args.bench > 0
     mm_rate = matmul_rate(dev) if bench else 0.0
     if bench:
-        print(f"bench: device {dev}, {torch.get_num_threads()} threads, fp32 192x256x256 matmul {mm_rate:.0f} GFLOP/s; "
-              f"stages are timed on untrained networks", flush=True)
+        print(f"bench: device {dev}, {torch.get_num_threads()} threads, fp32 192x256x256 matmul {mm_rate:.0f} GFLOP/s, "
+              f"the estimate's machine probe {machine_probe(dev):.1f} it/s; stages are timed on untrained networks",
+              flush=True)
     threads = torch.get_num_threads()
     cpu_threads = f", {threads} CPU thread{'s' * (threads > 1)} (--threads)" if dev.type == "cpu" else ""
     print(f"data: {d['n_src']} source transitions in {len(d['traj_len'])} trajectories ({', '.join(d['dom_names'])}), "
@@ -607,8 +595,10 @@ def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys
     run_dir = (args.resume.rstrip("/") if args.resume else tempfile.mkdtemp(prefix="v2a_bench_") if bench
                else f"runs/{args.env_id}__{args.exp_name}__{row}__{args.seed}__{int(time.time())}")
     hparams = {**vars(args), "script": script, **hparams, "device": str(dev), "datasets": d["records"]}
+    made = False  # whether this process made the run folder (a new run; --resume's folder was locked by check_resume)
     try:  # the run's first writes: a folder that cannot be written stops it here, in one line, before anything trains
-        os.makedirs(run_dir, exist_ok=True)
+        if not (args.resume or bench):
+            run_dir, made = new_run_folder(run_dir), True
         if args.resume:  # what this process computes again is logged again: drop it from the event files first
             cut_events(run_dir, {0: -1, **{k: math.inf if k in loaded else -1 for k in (1, 2, 3, 4)},
                                  5: loaded[5][1]["step"] if 5 in loaded else -1})
@@ -618,16 +608,18 @@ def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys
                        config=vars(args), name=os.path.basename(run_dir), save_code=True)
         writer = SummaryWriter(run_dir)
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in hparams.items()))
-        with open(os.path.join(run_dir, "args.json"), "w") as fh:
-            json.dump(hparams, fh, indent=1)
+        write_whole(os.path.join(run_dir, "args.json"), json.dumps(hparams, indent=1))  # a resumed run keeps its own
     except OSError as e:
-        fail(f"cannot write the run folder {run_dir} ({one_line(e)}); " +
-             ("make it writable, or copy it to a writable place and --resume the copy" if args.resume else
-              "start the run from a folder where it can write: runs/ is made in the working directory"))
+        if made:  # a new run without its args.json cannot be resumed: it leaves nothing
+            shutil.rmtree(run_dir, ignore_errors=True)
+        fail(f"cannot write the run folder {run_dir} ({why(e)}); " +
+             ("make room or make it writable, or copy it to a writable place and --resume the copy" if args.resume else
+              "make room, or start the run from a folder where it can write: runs/ is made in the working directory"))
     if not bench:
         command = resume_command(script, run_dir)
         print(f"run folder: {run_dir}; if it stops, continue it with: {command}", flush=True)
-        print(estimate(args, script, stages, loaded, dev, crop_steps), flush=True)
+        speed = machine_speed(dev) if dev.type == "cpu" else 1.0  # a GPU's stages scale unevenly: they print their ETAs
+        print(estimate(args, script, stages, loaded, dev, crop_steps, speed), flush=True)
         stop_with_resume_command(command)
     return Run(args, d, dev, run_dir, writer, keys, loaded, stages, row, mm_rate)
 
@@ -648,35 +640,6 @@ def stop_with_resume_command(command: str):
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # a background job's ignored Ctrl-C stays ignored
             signal.signal(sig, stop)
-
-
-# Rough rates of the stages on the 2-core CPU of the docs, one thread, another run on the other core, read off the
-# README's reduced-budget runs and docs/speed.md. Stage 1's are trajectory steps per second: the GRU and the decoder
-# skip the padding after an episode's end, so an iteration costs the summed lengths of its crops (many short random
-# episodes: cheap; the crossed mixture's long ones: 3.5x Hopper's default). The rates are the iterations/s measured on
-# each robot's default mixture times its crop steps per iteration. Stage 5's include its evaluations.
-CPU_RATES = dict(tc_elbo={"Hopper": 9000.0, "Walker2d": 4900.0, "HalfCheetah": 5800.0, "Ant": 4800.0}, sql=100.0, info=200.0,
-                 ot_seconds_per_million_rows=350.0, vae=40.0, stage5={"v2a_iql.py": 200.0, "v2a_td3bc.py": 240.0},
-                 stage5_dataset_constraint=8.6)
-
-
-def estimate(args, script: str, stages: tuple, loaded: dict, dev: torch.device, crop_steps: float) -> str:
-    """One line: the time that the stages this process trains will take at CPU_RATES, from the flags' budgets and
-    `crop_steps`, the mean trajectory steps of one TC-ELBO iteration on these data."""
-    r, constraint = CPU_RATES, getattr(args, "dataset_constraint", 0.0) > 0  # an IQL-only flag
-    start = loaded[5][1]["step"] if 5 in loaded else 0
-    stage1_rate = r["tc_elbo"].get(data_gen.robot_of(args.env_id), 5000.0) / crop_steps
-    seconds = {1: args.repr_steps / stage1_rate, 3: args.sql_steps / r["sql"],
-               4: args.info_steps / r["info"] if args.dynamics_score == "contrastive"
-               else r["ot_seconds_per_million_rows"] * args.source_size / 1e6,
-               5: (args.vae_steps / r["vae"] if constraint and start == 0 else 0.0) + max(0, args.total_steps - start)
-               / (r["stage5_dataset_constraint"] if constraint else r["stage5"].get(script, 200.0))}
-    todo = {k: t for k, t in seconds.items()
-            if k in stages and k not in loaded or k == 5 and start < args.total_steps and not args.filter_only}
-    span = lambda t: f"{t:.0f} s" if t < 60 else f"{t / 60:.0f} min" if t < 3600 else f"{t / 3600:.1f} h"
-    where = "measured on a 2-core CPU, one thread" + ("; this GPU is faster" if dev.type == "cuda" else "")
-    parts = ", ".join(f"stage {k} {span(t)}" for k, t in todo.items()) or "nothing but the final evaluation"
-    return f"estimate (rough): about {span(sum(todo.values()))} to train ({parts}); rates {where} (docs/speed.md)"
 
 
 # ---- Stage 5's loop, the same for every backbone ------------------------------------------------------------------
@@ -797,11 +760,9 @@ def write_results(run_dir: str, results: dict):
     get it: the stage-5 checkpoint holds the last policy, so --resume repeats only the final evaluation."""
     path = os.path.join(run_dir, "results.json")
     try:
-        with open(path + ".tmp", "w") as fh:
-            json.dump(results, fh, indent=1)
-        os.replace(path + ".tmp", path)
+        write_whole(path, json.dumps(results, indent=1))
     except OSError as e:
-        fail(f"cannot write {path} ({one_line(e)}); training is done and its checkpoint is intact: make room or make "
+        fail(f"cannot write {path} ({why(e)}); training is done and its checkpoint is intact: make room or make "
              f"{run_dir} writable, then write it with --resume {run_dir} (it repeats only the final evaluation)")
 
 

@@ -534,10 +534,10 @@ def test_child_stops_when_its_parent_is_killed(tmp_path):
         wait_for(lambda: os.path.isdir(f"{root}-staging-{child}"), what="the child collecting")
         parent.kill()  # SIGKILL: no handler of the parent's runs
         parent.wait()
-        wait_for(lambda: not dg.pid_alive(child), timeout=15, what="the orphaned data_gen.py to stop")
+        wait_for(lambda: not data_gen_parent.pid_alive(child), timeout=15, what="the orphaned data_gen.py to stop")
         assert staging_folders(root) == []  # it stopped through its SIGTERM handler, which removes the staging folder
     finally:
-        if dg.pid_alive(child):
+        if data_gen_parent.pid_alive(child):
             os.kill(child, signal.SIGKILL)
 
 

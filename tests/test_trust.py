@@ -53,8 +53,9 @@ def refused(script: str, argv: list, cwd) -> str:
 
 
 def snapshot(folder) -> dict:
-    return {os.path.relpath(p, folder): open(p, "rb").read()
-            for p in glob.glob(os.path.join(folder, "**"), recursive=True) if os.path.isfile(p)}
+    """Every file of a run folder but its lock file, which holds the pid of the last process that checked the run."""
+    return {os.path.relpath(p, folder): open(p, "rb").read() for p in glob.glob(os.path.join(folder, "**"), recursive=True)
+            if os.path.isfile(p) and os.path.basename(p) != ".v2a-run.lock"}
 
 
 def copy_run(run_dir: str, tmp_path) -> str:
@@ -252,9 +253,9 @@ def test_results_that_cannot_be_written_are_one_line(tiny_data, tmp_path, monkey
     monkeypatch.setattr(os, "replace", full_disk)
     msg = refused("v2a_iql", tiny_data["base_args"] + TINY + ["--variant", "target"], tmp_path)
     monkeypatch.undo()
-    assert "/results.json (OSError: [Errno 28] No space left on device" in msg and "training is done" in msg
+    assert "/results.json (no space left on device)" in msg and "training is done" in msg
     run_dir = str(tmp_path / msg.split("--resume ")[-1].split(" ")[0])
-    assert not os.path.exists(os.path.join(run_dir, "results.json"))
+    assert not os.path.exists(os.path.join(run_dir, "results.json")) and not glob.glob(os.path.join(run_dir, "*.tmp"))
     train("v2a_iql", ["--resume", run_dir], tmp_path)
     results = json.load(open(os.path.join(run_dir, "results.json")))
     assert results["final_eval"]["step"] == torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)["step"]
@@ -450,7 +451,7 @@ def test_data_gen_error_is_the_trainers_error(tmp_path):
     """Without the behaviour policies (a copy of the scripts, no policies/), data_gen.py's one-line error, which says
     how to train them, is the training script's one line. Every module is copied: the script's folder comes first on
     sys.path, so none is imported from the installed project, whose data_gen.py would find the committed policies."""
-    for name in ("v2a_iql.py", "v2a_utils.py", "v2a_integrity.py", "data_gen.py", "data_gen_parent.py",
+    for name in ("v2a_iql.py", "v2a_utils.py", "v2a_integrity.py", "v2a_timing.py", "data_gen.py", "data_gen_parent.py",
                  "data_gen_measure.py", "behaviour_policies.py"):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

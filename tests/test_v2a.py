@@ -398,7 +398,7 @@ BAD_INPUT = [
                                              "--source-size for this mixture is 4"),
     (dict(source="a:random:1e308,b:expert:1e308", source_size=0), "--source-size 0: must be a positive number"),
     (dict(target_size=10**9), "would get 1,000,000,000 transitions"),
-    (dict(z_dim=0), "--z-dim must be > 0"), (dict(batch_size=0), "--batch-size and --z-dim must be > 0"),
+    (dict(z_dim=0), "--z-dim must be > 0"), (dict(batch_size=0), "--batch-size must be > 0, got 0"),
     (dict(eval_episodes=-1), "must be > 0"), (dict(learning_rate=0.0), "--learning-rate must be finite and > 0"),
     (dict(learning_rate=math.inf), "--learning-rate"), (dict(sql_alpha=-0.2), "--sql-alpha"),
     (dict(threads=0), "--threads 0: must be at least 1"),
