@@ -30,6 +30,7 @@ import numpy as np
 import tyro
 
 from data_gen_parent import child_error, datasets_root, pid_alive
+from v2a_integrity import code_version
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ["v2a", "dvdf", "igdf", "merged", "target"]
@@ -296,19 +297,6 @@ def machine() -> dict:
     except OSError:
         pass
     return dict(host=socket.gethostname(), cpu=cpu, cores=os.cpu_count(), cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
-
-
-def code_version(folder: str) -> Optional[str]:
-    """The git commit of the training scripts' folder, "+modified" if tracked code differs from it (None: not a git
-    work tree): recorded with every attempt, so that each exported number names the code that made it. The exports
-    (results/), the pages (docs/) and other Markdown are not code: a running sweep rewrites them."""
-    not_code = [":(exclude)results", ":(exclude)docs", ":(exclude)*.md"]
-    try:
-        git = lambda *a: subprocess.run(["git", "-C", folder, *a], capture_output=True, text=True, check=True).stdout
-        changed = git("status", "--porcelain", "-uno", "--", ".", *not_code).strip()
-        return git("rev-parse", "HEAD").strip() + ("+modified" if changed else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 LIVE: dict = {}  # pid -> Popen of the runs in flight in this process (stopped on Ctrl-C / SIGTERM)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import fields
@@ -308,3 +309,16 @@ def why(e: BaseException) -> str:
     """A failed write's reason for a one-line error: 'no space left on device' for a full disk, which h5py and torch
     report in other words (torch.save: 'unexpected pos'), else the error itself."""
     return "no space left on device" if no_space(e) else one_line(e)
+
+
+def code_version(folder: str) -> Optional[str]:
+    """The git commit of the training scripts' folder, "+modified" if tracked code differs from it (None: not a git
+    work tree): recorded with every attempt, so that each exported number names the code that made it. The exports
+    (results/), the pages (docs/) and other Markdown are not code: a running sweep rewrites them."""
+    not_code = [":(exclude)results", ":(exclude)docs", ":(exclude)*.md"]
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", folder, *a], capture_output=True, text=True, check=True).stdout
+        changed = git("status", "--porcelain", "-uno", "--", ".", *not_code).strip()
+        return git("rev-parse", "HEAD").strip() + ("+modified" if changed else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None

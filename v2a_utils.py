@@ -35,6 +35,7 @@ from data_gen_parent import child_error
 from v2a_integrity import (
     check_resume,
     cli,
+    code_version,
     cut_events,
     fail,
     load_checkpoints,
@@ -594,7 +595,9 @@ def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys
     loaded = {} if bench else load_checkpoints(args, stages, keys, dev)
     run_dir = (args.resume.rstrip("/") if args.resume else tempfile.mkdtemp(prefix="v2a_bench_") if bench
                else f"runs/{args.env_id}__{args.exp_name}__{row}__{args.seed}__{int(time.time())}")
-    hparams = {**vars(args), "script": script, **hparams, "device": str(dev), "datasets": d["records"]}
+    # the code too: a run started outside benchmark.py (which records it per attempt) would otherwise name none
+    hparams = {**vars(args), "script": script, **hparams, "device": str(dev), "datasets": d["records"],
+               "code": code_version(os.path.dirname(os.path.abspath(__file__)))}
     made = False  # whether this process made the run folder (a new run; --resume's folder was locked by check_resume)
     try:  # the run's first writes: a folder that cannot be written stops it here, in one line, before anything trains
         if not (args.resume or bench):
