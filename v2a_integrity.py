@@ -218,7 +218,8 @@ def load_checkpoints(args, stages, keys: dict, dev: torch.device) -> dict:
 
 
 STAGE_TAGS = ((0, "hyperparameters"), (1, "repr/rec_loss"), (1, "repr/kl"), (1, "repr/stage1_"), (2, "repr/domain_probe_acc"),
-              (3, "losses/sql_"), (4, "losses/info_loss"), (4, "dynamics/"))  # tag prefix -> its stage; others: 5
+              (3, "losses/sql_"), (4, "losses/info_loss"), (4, "dynamics/"),
+              (0, "filter/accuracy/"))  # tag prefix -> its stage; others: 5. Stage 0: logged anew by every process
 
 
 def cut_events(run_dir: str, keep: dict):
