@@ -24,7 +24,9 @@ class Actor(nn.Module):
         self.mean = nn.Linear(hidden, act_dim)
         self.log_std = nn.Linear(hidden, act_dim)
 
-    def forward(self, obs: torch.Tensor, deterministic: bool = False):
+    def forward(self, obs: torch.Tensor, deterministic: bool = False, with_log_prob: bool = True):
+        """(action, its log-probability); `with_log_prob=False`: (action, None), the same action from the same noise, for
+        acting (data_gen.py's collection, SAC's env steps), where the log-probability is never read."""
         h = self.net(obs)
         mean = self.mean(h)
         if deterministic:
@@ -34,6 +36,8 @@ class Actor(nn.Module):
         std = log_std.exp()
         pre_tanh = mean + std * torch.randn_like(mean)
         action = torch.tanh(pre_tanh)
+        if not with_log_prob:
+            return action, None
         log_prob = (-0.5 * ((pre_tanh - mean) / std) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
         log_prob = log_prob - torch.log(1 - action.pow(2) + 1e-6).sum(-1)
         return action, log_prob
