@@ -280,9 +280,8 @@ def policy_act(actor: Optional["Actor"], obs: np.ndarray, env: gym.Env, rng: np.
     if actor is None:
         return rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
     import torch  # an actor exists, so torch is already imported: this is a dictionary look-up
-    with torch.no_grad():  # no log-probability: the same action from the same noise, in about a third less time
-        action, _ = actor(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic=deterministic, with_log_prob=False)
-    return action[0].numpy()
+    with torch.no_grad():
+        return actor.act(obs, deterministic)  # forward()'s action, bit for bit, in about half the time
 
 
 def evaluate_policy(env: gym.Env, actor: Optional["Actor"], episodes: int, seed: int,

@@ -62,16 +62,20 @@ def test_gap_probe_every_robot(env_id):
     assert (gaps["nominal"] == 0).all() and (gaps["gravity-0.5"] > 0).all()
 
 
-def test_sampling_without_log_prob_gives_the_same_actions():
-    """policy_act skips the log-probability (a third of an acting step): the actions and the noise drawn stay the same."""
-    actor, _ = dg.load_actor(dg.Args(), "Hopper", "gravity-0.5", "expert")
-    obs = torch.linspace(-1, 1, 11)[None]
-    with torch.no_grad():
-        torch.manual_seed(0)
-        full = [actor(obs)[0] for _ in range(20)]
-        torch.manual_seed(0)
-        lean = [actor(obs, with_log_prob=False)[0] for _ in range(20)]
-    assert all(torch.equal(a, b) for a, b in zip(full, lean))
+@pytest.mark.parametrize("robot,domain", [("Hopper", "gravity-0.5"), ("Ant", "alllegs-hard")])
+def test_actor_act_is_forward_bit_for_bit(robot, domain):
+    """data_gen.py acts with Actor.act (no log-probability, no nn.Module calls: it pays for the gap's extra physics);
+    its actions must be forward()'s to the bit, sampled and deterministic, so the data are those of the older code."""
+    for quality in ("medium", "expert"):
+        actor, _ = dg.load_actor(dg.Args(), robot, domain, quality)
+        obs = np.random.default_rng(0).normal(size=(200, dg.DIMS[robot][0]))
+        for deterministic in (False, True):
+            with torch.no_grad():
+                torch.manual_seed(0)
+                full = [actor(torch.as_tensor(o, dtype=torch.float32)[None], deterministic)[0][0].numpy() for o in obs]
+                torch.manual_seed(0)
+                fast = [actor.act(o, deterministic) for o in obs]
+            assert all(np.array_equal(a, b) for a, b in zip(full, fast))
 
 
 # ---- loading: the gap aligned with the source rows; fingerprints and machines recorded and checked ------------------
