@@ -280,7 +280,7 @@ def policy_act(actor: Optional["Actor"], obs: np.ndarray, env: gym.Env, rng: np.
     if actor is None:
         return rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
     import torch  # an actor exists, so torch is already imported: this is a dictionary look-up
-    with torch.no_grad():
+    with torch.inference_mode():
         return actor.act(obs, deterministic)  # forward()'s action, bit for bit, in about half the time
 
 
