@@ -695,7 +695,7 @@ def generate(args: Args, robot: str):
                       flush=True)
                 env, t0 = make_domain_env(args.env_id, domain), time.time()
                 actor, info = load_actor(args, robot, domain, quality)
-                probe = GapProbe(env, make_domain_env(args.env_id, "nominal"))  # the target's rows too: 0, the check
+                probe = GapProbe(env, make_domain_env(args.env_id, "nominal"), same_dynamics=domain == "nominal")
                 buffers = collect(env, actor, n, seed=args.seed + 1_000_000 * k,
                                   options={"domain": domain, "quality": quality}, probe=probe)
                 kwargs = dict(common, buffer=buffers, env=env, eval_env=env.spec,

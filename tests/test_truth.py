@@ -35,9 +35,9 @@ def ids(tiny_data):
 
 
 def test_gap_of_each_domain(tiny_data):
-    """Nominal rows (the target's) are exactly 0: the nominal env stepped from a row's own state reproduces it bit for
-    bit. Half gravity is off by about the vertical velocity half of g adds in one 0.008 s step (0.039) on every row; the
-    restricted knee only where its limit binds, so most legjnt-hard rows are exactly 0; the longer torso everywhere."""
+    """The target's rows are 0 (not stepped again: test_gap_probe_every_robot checks that they would be). Half gravity
+    is off by about the vertical velocity half of g adds in one 0.008 s step (0.039) on every row; the restricted knee
+    only where its limit binds, so most legjnt-hard rows are exactly 0; the longer torso everywhere."""
     torso, gravity, legjnt = [gaps_of(tiny_data["minari_path"], i) for i in ids(tiny_data)[0]]
     target = gaps_of(tiny_data["minari_path"], ids(tiny_data)[1])
     assert len(target) == tiny_data["target_size"] and (target == 0).all()
@@ -50,8 +50,9 @@ def test_gap_of_each_domain(tiny_data):
 
 @pytest.mark.parametrize("env_id", dg.SUPPORTED_ENV_IDS)
 def test_gap_probe_every_robot(env_id):
-    """Every robot, v4 and v5 (Ant-v5 without its contact forces, as the datasets have it): collected with the probe,
-    the nominal domain's rows have gap 0, a gravity domain's none; the gap sits in the episodes' infos."""
+    """Every robot, v4 and v5 (Ant-v5 without its contact forces, as the datasets have it): the nominal env stepped from
+    a nominal row's own state reproduces it bit for bit (gap exactly 0), a gravity domain's rows never; the gap sits in
+    the episodes' infos."""
     gaps = {}
     for domain in ("nominal", "gravity-0.5"):
         env = dg.make_domain_env(env_id, domain)
