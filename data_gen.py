@@ -34,6 +34,8 @@ import gymnasium as gym  # noqa: E402
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
+from data_gen_truth import GAP_KEY, GapProbe, gap_report, provenance_metadata  # noqa: E402
+
 if TYPE_CHECKING:
     from behaviour_policies import Actor
 
@@ -71,6 +73,9 @@ class Args:
     measure_episodes: int = 0
     """> 0: write no data; measure each mixture entry's behaviour policy in its domain on this many episodes
     (deterministic and sampled actions) and print the returns with their normalized scores"""
+    gap_figure: Optional[str] = None
+    """after generating (or reusing) the datasets, draw each source dataset's distribution of the true dynamics gap
+    into this file (.png, .pdf or .svg) and print its numbers (docs/data_gen.md, "The true dynamics gap")"""
     # behaviour-policy training (only with --train-domain)
     train_domain: Optional[str] = None
     """train the medium and expert behaviour policies of this domain (e.g. `nominal`, `torso-hard`), not data"""
@@ -286,9 +291,8 @@ def policy_act(actor: Optional["Actor"], obs: np.ndarray, env: gym.Env, rng: np.
     if actor is None:
         return rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
     import torch  # an actor exists, so torch is already imported: this is a dictionary look-up
-    with torch.no_grad():
-        action, _ = actor(torch.as_tensor(obs, dtype=torch.float32)[None], deterministic=deterministic)
-    return action[0].numpy()
+    with torch.inference_mode():
+        return actor.act(obs, deterministic)  # forward()'s action, bit for bit, in about half the time
 
 
 def evaluate_policy(env: gym.Env, actor: Optional["Actor"], episodes: int, seed: int,
@@ -411,6 +415,10 @@ def validate_args(args: Args, robot: str):
             raise DataGenError(f"{flag} {value}: must be at least 1")
     if args.measure_episodes < 0:
         raise DataGenError(f"--measure-episodes {args.measure_episodes}: must be at least 0 (0: generate data)")
+    if args.gap_figure is not None and (args.measure_episodes or args.train_domain or not args.gap_figure.endswith(
+            (".png", ".pdf", ".svg"))):
+        raise DataGenError(f"--gap-figure {args.gap_figure!r}: a .png, .pdf or .svg file, with neither "
+                           f"--measure-episodes nor --train-domain")
     if args.train_domain is not None:
         check_domain(robot, args.train_domain)
     entries = parse_source(args.source)
@@ -474,11 +482,12 @@ def one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
-def collect(env: gym.Env, actor: Optional["Actor"], n_transitions: int, seed: int, options: dict):
+def collect(env: gym.Env, actor: Optional["Actor"], n_transitions: int, seed: int, options: dict, probe=None):
     """Whole episodes until `n_transitions`; the last episode is cut there (flagged as truncated), so no
     transition spans two episodes. Actions are sampled from the stochastic policy, as D4RL's were. The torch RNG
     (the policy's action noise) is seeded here too, so a dataset's data depend only on `seed` and its policy, not
-    on what ran before (which other datasets existed, how many actors were loaded)."""
+    on what ran before (which other datasets existed, how many actors were loaded). `probe` (a
+    data_gen_truth.GapProbe) measures each row's true dynamics gap, stored in the episode's infos."""
     import torch
     from minari.data_collector.episode_buffer import EpisodeBuffer
 
@@ -490,10 +499,14 @@ def collect(env: gym.Env, actor: Optional["Actor"], n_transitions: int, seed: in
             print(f"      {count}/{n_transitions} transitions, ETA {eta:.0f} s", flush=True)
             next_report += 0.25
         obs, _ = env.reset(seed=seed + ep)
-        o, a, r, te, tr = [obs], [], [], [], []
+        o, a, r, te, tr, gap = [obs], [], [], [], [], []
         while True:
             act = policy_act(actor, obs, env, rng, deterministic=False)
+            if probe is not None:
+                probe.record()
             obs, rew, term, trunc, _ = env.step(act)
+            if probe is not None:
+                gap.append(probe.gap(act, obs))
             o.append(obs), a.append(act), r.append(rew), te.append(term)
             count += 1
             tr.append(trunc or (count == n_transitions and not term))
@@ -501,7 +514,8 @@ def collect(env: gym.Env, actor: Optional["Actor"], n_transitions: int, seed: in
                 break
         buffers.append(EpisodeBuffer(observations=np.array(o, np.float32), actions=np.array(a, np.float32),
                                      rewards=np.array(r, np.float64), terminations=np.array(te),
-                                     truncations=np.array(tr), options=options))
+                                     truncations=np.array(tr), options=options,
+                                     infos=None if probe is None else {GAP_KEY: np.array(gap, np.float32)}))
         ep += 1
     return buffers
 
@@ -593,7 +607,9 @@ def write_dataset(dataset_id: str, staging: str, generation: dict, **create_kwar
     os.environ["MINARI_DATASETS_PATH"], previous = staging, os.environ.get("MINARI_DATASETS_PATH")
     try:
         ds = minari.create_dataset_from_buffers(dataset_id=dataset_id, **create_kwargs)
-        ds.storage.update_metadata({"v2a_generation": json.dumps(generation)})
+        # the generation record as before (older datasets still match it); fingerprint and machine as their own keys
+        ds.storage.update_metadata({"v2a_generation": json.dumps(generation),
+                                    **provenance_metadata(create_kwargs["buffer"])})
     finally:
         if previous is None:
             del os.environ["MINARI_DATASETS_PATH"]
@@ -694,8 +710,9 @@ def generate(args: Args, robot: str):
                       flush=True)
                 env, t0 = make_domain_env(args.env_id, domain), time.time()
                 actor, info = load_actor(args, robot, domain, quality)
+                probe = GapProbe(env, make_domain_env(args.env_id, "nominal"), same_dynamics=domain == "nominal")
                 buffers = collect(env, actor, n, seed=args.seed + 1_000_000 * k,
-                                  options={"domain": domain, "quality": quality})
+                                  options={"domain": domain, "quality": quality}, probe=probe)
                 kwargs = dict(common, buffer=buffers, env=env, eval_env=env.spec,
                               observation_space=float32_box(env.observation_space),
                               action_space=float32_box(env.action_space))
@@ -735,6 +752,9 @@ def generate(args: Args, robot: str):
     target = minari.load_dataset(target_id)
     print(f"  target ref_min_score {target.storage.metadata['ref_min_score']:.1f}  "
           f"ref_max_score {target.storage.metadata['ref_max_score']:.1f}")
+    if args.gap_figure is not None:
+        gap_report([(i, f"{d}:{q}") for i, d, q, _ in jobs[1:]], args.gap_figure, DataGenError,
+                   title=f"{args.env_id}: source datasets of {args.source_size:,} transitions, seed {args.seed}")
 
 
 def _terminate(signum, frame):

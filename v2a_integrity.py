@@ -56,6 +56,10 @@ def stage_keys(args, records: dict, stages, script: str, constants: dict) -> dic
     holds those of the stages trained before it in the same run (they advance the RNG; stage 2's z feeds stage 3).
     Keys of stages 1-4 hold nothing script-specific: both scripts share those stages. `constants`: the script's
     constants per stage (1, 3, and "ot" for the OT score of stage 4)."""
+    # a dataset's fingerprint, where it has one, is part of its key (other arrays, other results); its machine is not
+    # (the fingerprint says it), and a dataset without one keys as before, so checkpoints made before both stay valid
+    records = {i: {k: v for k, v in r.items() if k != "machine" and not (k == "fingerprint" and v is None)}
+               for i, r in records.items()}
     src = dict(list(records.items())[:-1])  # the target dataset is the last
     sql_gamma, sql_tau = sql_discount(args)  # stored as gamma and tau: keys made before --sql-gamma stay valid
     own = {1: dict(data=src, repr_steps=args.repr_steps, z_dim=args.z_dim, lr=args.learning_rate, constants=constants[1]),

@@ -32,6 +32,7 @@ from torch.utils.tensorboard import SummaryWriter
 import data_gen
 from data_gen import DEFAULT_SOURCES, MAX_DATASET_TRANSITIONS, SUPPORTED_ENV_IDS, one_line
 from data_gen_parent import child_error
+from data_gen_truth import flatten, stored_provenance
 from v2a_integrity import (
     check_resume,
     cli,
@@ -136,16 +137,6 @@ def split(x: torch.Tensor, ds: int, da: int):
     return x[..., :ds], x[..., ds : ds + da], x[..., ds + da], x[..., ds + da + 1 : 2 * ds + da + 1], x[..., -1]
 
 
-def flatten(ds, max_len: int = 1000):
-    """Episodes -> rows [s, a, r, s', terminated] and trajectory lengths (episodes cut every max_len steps)."""
-    rows, lens = [], []
-    for ep in ds.iterate_episodes():
-        o, T = ep.observations, len(ep.actions)
-        rows.append(np.concatenate([o[:-1], ep.actions, ep.rewards[:, None], o[1:], ep.terminations[:, None]], 1))
-        lens.append([min(max_len, T - k) for k in range(0, T, max_len)])
-    return np.concatenate(rows).astype(np.float32), lens
-
-
 def regenerate_hint(args) -> str:
     return (f"regenerate it with python data_gen.py --env-id {args.env_id} --source '{args.source}' --source-size "
             f"{args.source_size} --target-size {args.target_size} --overwrite, or set MINARI_DATASETS_PATH to another "
@@ -153,7 +144,8 @@ def regenerate_hint(args) -> str:
 
 
 def open_dataset(ds_id: str, expected: dict, args):
-    """Loads one dataset and checks its stored generation record against what the flags imply."""
+    """Loads one dataset and checks its generation record against the flags; the record returned (args.json's
+    "datasets") also carries its stored fingerprint and machine (None for a dataset made before them)."""
     try:
         ds = minari.load_dataset(ds_id)
         record = json.loads(ds.storage.metadata.get("v2a_generation", "null"))
@@ -163,7 +155,8 @@ def open_dataset(ds_id: str, expected: dict, args):
         fail(f"dataset {ds_id} has no generation record (data_gen.py did not make it); {regenerate_hint(args)}")
     if diff := [f"{k} {record.get(k)!r} (the flags imply {v!r})" for k, v in expected.items() if record.get(k) != v]:
         fail(f"dataset {ds_id} was generated with other arguments: {', '.join(diff)}; {regenerate_hint(args)}")
-    return ds, record
+    stored_fingerprint, made_on = stored_provenance(ds.storage.metadata)
+    return ds, dict(record, fingerprint=stored_fingerprint, machine=made_on)
 
 
 def run_data_gen(args, missing: list[str]):
@@ -207,8 +200,8 @@ def load_data(args, device: torch.device) -> dict:
         opened.update({i: open_dataset(i, expected[i], args) for i in missing})
     def read(ds_id):
         try:
-            ds = opened[ds_id][0]
-            (x, lens), metas = flatten(ds), list(ds.storage.get_episode_metadata(range(ds.total_episodes)))
+            ds, record = opened[ds_id]
+            (x, lens, content, gap), metas = flatten(ds), list(ds.storage.get_episode_metadata(range(ds.total_episodes)))
         except Exception as e:
             fail(f"dataset {ds_id} cannot be read ({one_line(e)}); {regenerate_hint(args)}")
         if not np.isfinite(x).all():  # here, not as a non-finite loss stages later, after a run folder was written
@@ -217,25 +210,33 @@ def load_data(args, device: torch.device) -> dict:
                     "actions": range(n_s, n_s + n_a), "rewards": [n_s + n_a], "terminations": [2 * n_s + n_a + 1]}
             bad = [k for k, c in cols.items() if not np.isfinite(x[:, list(c)]).all()]
             fail(f"dataset {ds_id} holds NaN or infinite values (in its {', '.join(bad)}); {regenerate_hint(args)}")
-        return (x, lens), metas
+        if record["fingerprint"] not in (None, content):  # after the NaN check, which says more
+            fail(f"dataset {ds_id} does not match its fingerprint (stored {record['fingerprint']}, its arrays give "
+                 f"{content}): it changed after data_gen.py wrote it; copy it again, or {regenerate_hint(args)}")
+        return (x, lens), metas, gap
     tgt_ds = opened[tgt_id][0]
-    rows, lens, labels = [], [], []
+    rows, lens, labels, gaps = [], [], [], []
     for ds_id, (dom, qual, _) in zip(src_ids, parse_source(args.source)):
         ds = opened[ds_id][0]
         if ds.observation_space != tgt_ds.observation_space or ds.action_space != tgt_ds.action_space:
             fail(f"the spaces of {ds_id} ({ds.observation_space}, {ds.action_space}) differ from the target's "
                  f"({tgt_ds.observation_space}, {tgt_ds.action_space})")
-        (x, ep_lens), metas = read(ds_id)
+        (x, ep_lens), metas, gap = read(ds_id)
         rows.append(x)
+        gaps.append(gap)
         for ep_len, meta in zip(ep_lens, metas):
             opts = meta.get("options") or {}  # domain/quality: for diagnostics only, the learner never reads them
             lens += ep_len
             labels += [(opts.get("domain", dom), opts.get("quality", qual))] * len(ep_len)
-    ((tgt_x, tgt_lens), _), (doms, quals) = read(tgt_id), zip(*labels)
+    ((tgt_x, tgt_lens), _, _), (doms, quals) = read(tgt_id), zip(*labels)
     dom_names, qual_names = sorted(set(doms)), sorted(set(quals))
     t = lambda v, dtype=torch.long: torch.as_tensor(np.asarray(v), dtype=dtype, device=device)
     traj_len, src_x = t(lens), np.concatenate(rows)
-    return dict(data=t(np.concatenate([src_x, tgt_x]), torch.float32), n_src=len(src_x), n_tgt=len(tgt_x), tgt_ds=tgt_ds,
+    lacking = [i for i, gap in zip(src_ids, gaps) if gap is None]  # made before data_gen.py recorded the gap
+    return dict(true_gap=None if lacking else t(np.concatenate(gaps), torch.float32), true_gap_hint=(
+                    f"the true dynamics gap of the source rows needs datasets made since data_gen.py records it"
+                    f"{' (not ' + ', '.join(lacking) + ')' if lacking else ''}; {regenerate_hint(args)}"),
+                data=t(np.concatenate([src_x, tgt_x]), torch.float32), n_src=len(src_x), n_tgt=len(tgt_x), tgt_ds=tgt_ds,
                 ds=tgt_ds.observation_space.shape[0], da=tgt_ds.action_space.shape[0], traj_len=traj_len,
                 traj_start=torch.cumsum(traj_len, 0) - traj_len, tgt_traj_len=t(sum(tgt_lens, [])),
                 traj_id=torch.repeat_interleave(torch.arange(len(lens), device=device), traj_len),

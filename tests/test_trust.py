@@ -452,7 +452,7 @@ def test_data_gen_error_is_the_trainers_error(tmp_path):
     how to train them, is the training script's one line. Every module is copied: the script's folder comes first on
     sys.path, so none is imported from the installed project, whose data_gen.py would find the committed policies."""
     for name in ("v2a_iql.py", "v2a_utils.py", "v2a_integrity.py", "v2a_timing.py", "v2a_filter_truth.py", "v2a_stability.py",
-                 "data_gen.py", "data_gen_parent.py", "data_gen_measure.py", "behaviour_policies.py"):
+                 "data_gen.py", "data_gen_parent.py", "data_gen_measure.py", "data_gen_truth.py", "behaviour_policies.py"):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     env = dict(os.environ, MINARI_DATASETS_PATH=str(tmp_path / "minari"), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "v2a_iql.py", "--env-id", "Walker2d-v4", "--source-size", "3000",
