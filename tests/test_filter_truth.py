@@ -2,6 +2,7 @@
 scores, and the --oracle / --filter-only flags of both scripts."""
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -137,3 +138,36 @@ def test_filter_only_writes_the_accuracy_and_trains_no_policy(script, tiny_data,
     assert acc["value_misassign_within"] is None and 0 <= acc["value_misassign_cross"] <= 1
     assert 0 < acc["kept/filter/domain_share/gravity-0.5"] < 1
     assert sorted(f for f in os.listdir(run_dir) if f.endswith(".pt")) == ["stage3.pt", "stage4.pt"]
+
+
+def test_filter_only_measures_h_against_the_gap_and_the_oracle_keeps_as_its_truth(tiny_data, tmp_path):
+    """With datasets that record the gap: h's rank correlation with it is measured, and under --oracle dynamics the run's
+    own filter keeps exactly the rows the dynamics oracle keeps (the same scores on the same batches)."""
+    for cwd, extra in ((tmp_path / "h", []), (tmp_path / "oracle", ["--oracle", "dynamics"])):
+        cwd.mkdir()
+        run("v2a_iql", cwd, *tiny_data["base_args"], *TINY_BUDGETS, "--variant", "dvdf", "--filter-only", *extra)
+    results = {k: next((tmp_path / k / "runs").glob("*/results.json")) for k in ("h", "oracle")}
+    acc = {k: json.load(open(path))["filter_accuracy"] for k, path in results.items()}
+    assert -1 <= acc["h"]["dyn_spearman"] <= 1 and 0 <= acc["h"]["dyn_domain_order"] <= 1
+    assert acc["h"]["gap_mean/gravity-0.5"] == pytest.approx(0.039, abs=0.002)  # half of g over one 0.008 s step
+    oracle = acc["oracle"]
+    assert oracle["dyn_spearman"] == pytest.approx(1.0)  # h is the gap's rank itself
+    assert all(oracle[f"kept/filter/{k}"] == oracle[f"kept/oracle_h/{k}"] for k in ("gap_mean", "gap_zero_share"))
+
+
+def test_oracle_on_datasets_without_the_gap_is_one_line(tiny_data, tmp_path, monkeypatch):
+    """Datasets made before data_gen.py recorded the gap: --oracle stops in one line that names the regenerate command,
+    before a run folder exists (a normal run of the same datasets trains, test_truth)."""
+    from test_truth import ids, make_old
+    path = shutil.copytree(tiny_data["minari_path"], tmp_path / "minari")
+    make_old(path, ids(tiny_data)[0][1])
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["v2a_iql.py"])
+    m = SCRIPTS["v2a_iql"]
+    with pytest.raises(SystemExit) as e:
+        m.main(m.Args(env_id=tiny_data["env_id"], source=tiny_data["source"], source_size=tiny_data["source_size"],
+                      target_size=tiny_data["target_size"], oracle="full"))
+    msg = str(e.value)
+    assert "--oracle needs the true dynamics gap" in msg and "--overwrite" in msg and "\n" not in msg
+    assert not os.path.exists(tmp_path / "runs")
