@@ -4,10 +4,9 @@
 # A run is one process of a training script with one CPU thread (or one GPU), in its own folder runs/<sweep>/<run name>/;
 # the training script is started there, so its run directory is runs/<sweep>/<run name>/runs/<env>__...__<time>/.
 # Re-launching skips finished runs and continues unfinished ones with the script's --resume. The training scripts do not
-# import ray, rliable or matplotlib; this file imports ray only with --ray-address, and the report (benchmark_report.py,
+# import ray, rliable or matplotlib; this file imports ray only with --ray-address, and the report (v2a_utils/report.py,
 # which imports rliable/matplotlib) only in report.
 import ast
-import csv
 import difflib
 import glob
 import importlib.util
@@ -29,11 +28,12 @@ from typing import Optional
 import numpy as np
 import tyro
 
-from data_gen_parent import child_error, datasets_root, pid_alive
-from v2a_integrity import code_version
+from v2a_utils.exports import export_run, read_json, trainer_dir, write_json
+from v2a_utils.flags import flag_error
+from v2a_utils.processes import child_error, datasets_root, pid_alive
+from v2a_utils.repository import ROOT, code_version
+from v2a_utils.verdict import VARIANTS
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ["v2a", "dvdf", "igdf", "merged", "target"]
 DATA_FLAGS = ("env-id", "source", "source-size", "target-size")  # the flags that name the datasets (data_gen.py)
 LOCK_STALE_S = 300  # a run's lock is refreshed every minute while it runs; older than this, its runner died
 
@@ -225,8 +225,6 @@ def sweep_problems(cfg: Run, extra: list[str]) -> list[str]:
             if a.startswith("--") and not known(flag):
                 problems.append(f"{a} after `--`: {name} has no such flag{hint(flag)}")
         if len(problems) == own:  # the names hold: each run's command line, as the script will parse it
-            from v2a_integrity import flag_error  # here: it imports torch, which the script's import has loaded
-
             try:
                 runs = [s for s in make_specs(cfg, extra) if s["script"] == path]
             except SystemExit as e:
@@ -238,12 +236,6 @@ def sweep_problems(cfg: Run, extra: list[str]) -> list[str]:
 
 
 # ---- One run: its state, its process, its record ---------------------------------------------------------------------
-def trainer_dir(run_dir: str) -> Optional[str]:
-    """The training script's own run directory inside the run folder (the newest with args.json)."""
-    dirs = [d for d in glob.glob(os.path.join(run_dir, "runs", "*")) if os.path.exists(os.path.join(d, "args.json"))]
-    return max(dirs, key=os.path.getmtime) if dirs else None
-
-
 def run_state(spec: dict) -> tuple[str, Optional[str]]:
     """("done" | "resume" | "new" | "running", trainer dir). Done: results.json whose last evaluation reached the
     requested --total-steps (any, when the flag is not given), here or in the run's export; resume: a run directory
@@ -382,20 +374,6 @@ def launch_and_wait(cmd: list[str], run_dir: str, env: dict, log_path: str, lock
 def tail(path: str, lines: int = 15) -> str:
     with open(path, errors="replace") as fh:
         return "".join(fh.readlines()[-lines:])
-
-
-def read_json(path: str):
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path: str, obj):
-    with open(path + ".tmp", "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 # ---- The sweep: local pool or Ray --------------------------------------------------------------------------------------
@@ -568,66 +546,6 @@ def run_ray(cfg: Run, todo: list[dict], progress: Progress) -> list[dict]:
     return results
 
 
-# ---- Export: the small files of a run, committed under results/<sweep>/<run name>/ ----------------------------------------
-def export_run(run_dir: str, dest: str, max_points: int = 250):
-    """run.json (the runner's record), args.json, results.json, curves.csv (tag, step, value; every tag thinned to
-    <= max_points steps, evaluations never), z_pca.csv (the 2-D PCA of the z embedding, label columns), adv_hist.csv
-    (the advantage histograms per domain-quality, summed over the steps: the scorers are frozen in stage 5)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tdir = trainer_dir(run_dir)
-    if tdir is None:
-        return
-    os.makedirs(dest, exist_ok=True)
-    record = read_json(os.path.join(run_dir, "benchmark.json")) or {}
-    attempts = record.get("attempts", [])
-    ea = EventAccumulator(tdir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0},  # 0: keep every event
-                          purge_orphaned_data=False).Reload()  # the scripts' --resume already cut what they log again
-    wall = [e.wall_time for tag in ea.Tags()["scalars"] for e in ea.Scalars(tag)]
-    write_json(os.path.join(dest, "run.json"), dict(
-        spec={k: v for k, v in record.get("spec", {}).items() if k not in ("run_dir", "export_dir", "env", "script")},
-        script=os.path.basename(record.get("spec", {}).get("script", "")), trainer_dir=os.path.basename(tdir),
-        attempts=[{k: a.get(k) for k in ("start", "end", "rc", "state", "machine", "code", "killed") if k in a}
-                  for a in attempts],  # an attempt in flight has no end yet: it counts until now
-        wall_s=sum((a["end"] or time.time()) - a["start"] for a in attempts) if attempts else
-        (max(wall) - min(wall) if wall else None)))
-    for f in ("args.json", "results.json"):
-        if os.path.exists(os.path.join(tdir, f)):
-            write_json(os.path.join(dest, f), read_json(os.path.join(tdir, f)))
-    with open(os.path.join(dest, "curves.csv"), "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["tag", "step", "value"])
-        for tag in sorted(ea.Tags()["scalars"]):
-            pts = sorted({e.step: e.value for e in ea.Scalars(tag)}.items())  # one value per step (the last)
-            if len(pts) > max_points and not tag.startswith("eval/"):
-                pts = [pts[i] for i in sorted(set(np.linspace(0, len(pts) - 1, max_points).round().astype(int)))]
-            w.writerows([tag, s, f"{v:.6g}"] for s, v in pts)
-    hists = [t for t in ea.Tags()["histograms"] if t.startswith("filter/adv/")]
-    if hists:
-        with open(os.path.join(dest, "adv_hist.csv"), "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["group", "right_edge", "count"])
-            for tag in sorted(hists):
-                counts: dict = {}
-                for e in ea.Histograms(tag):
-                    h = e.histogram_value
-                    for lim, c in zip(h.bucket_limit, h.bucket):
-                        counts[lim] = counts.get(lim, 0.0) + c
-                w.writerows([tag.split("/", 2)[2], f"{lim:.6g}", f"{c:g}"] for lim, c in sorted(counts.items()))
-    emb = sorted(glob.glob(os.path.join(tdir, "*", "z", "tensors.tsv")))
-    if emb:
-        z = np.loadtxt(emb[-1], delimiter="\t", ndmin=2)
-        with open(os.path.join(os.path.dirname(emb[-1]), "metadata.tsv")) as fh:
-            labels = [line.rstrip("\n").split("/", 1) for line in fh if line.strip()]
-        zc = z - z.mean(0)
-        _, sv, vt = np.linalg.svd(zc, full_matrices=False)  # PCA: the top-2 right singular vectors
-        pcs, var = zc @ vt[:2].T, sv**2 / max(1e-12, (sv**2).sum())
-        with open(os.path.join(dest, "z_pca.csv"), "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["pc1", "pc2", "domain", "quality", f"var1={var[0]:.4f}", f"var2={var[1] if len(var) > 1 else 0:.4f}"])
-            w.writerows([f"{a:.5g}", f"{b:.5g}", *lab] for (a, b), lab in zip(pcs, labels))
-
-
 def main(argv: list[str]) -> int:
     argv_all, extra = list(argv), []
     if "--" in argv:  # everything after `--` goes to every run
@@ -642,7 +560,7 @@ def main(argv: list[str]) -> int:
         if not glob.glob(os.path.join(runs_dir, "*", "")) and not glob.glob(os.path.join(res_dir, "*", "")):
             raise SystemExit(f"benchmark.py: error: sweep {sweep} has no runs, neither in {runs_dir}/ nor in {res_dir}/: "
                              f"nothing to report (a misspelt --sweep?); no page was written")
-        from benchmark_report import report  # here, not at the top: it imports this module (ROOT, export_run, ...)
+        from v2a_utils.report import report  # here: it imports torch and the statistics' libraries, which `run` never needs
 
         report(cfg)
         return 0

@@ -21,23 +21,49 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from data_gen_parent import datasets_root, no_space, parent_now, probe_path, remove_stale, staging_dir, tie_to_parent
+from v2a_utils.processes import datasets_root, parent_now, probe_path, remove_stale, staging_dir, tie_to_parent
 
 # Who started this process, read before the imports below take their second or two: tie_to_parent() needs the parent as
 # it was then (one killed meanwhile is gone from /proc, and this process has a new parent).
 PARENT_AT_START = parent_now()
 
 # Only what the shifted environments need is imported here: `recover_environment()` of a stored dataset imports this
-# module (the entry point data_gen:make_shifted_env), and must work with gymnasium and mujoco alone. torch, tyro and
-# minari are imported where data are collected or policies run (docs/data_gen.md, "Using the datasets outside").
+# module (the entry point data_gen:make_shifted_env, re-exported below), and must work with gymnasium and mujoco alone.
+# torch, tyro and minari are imported where data are collected or policies run (docs/data_gen.md, "Using the datasets
+# outside").
 import gymnasium as gym  # noqa: E402
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data_gen_truth import GAP_KEY, GapProbe, gap_report, provenance_metadata  # noqa: E402
+from v2a_utils.behaviour import (  # noqa: E402
+    POLICY_TRAINING_TIME,
+    SAC_WARMUP_STEPS,
+    load_actor,
+    measure,
+    policy_act,
+    policy_path,
+    reference_scores,
+    train_behaviour_policies,
+    train_command,
+)
+from v2a_utils.data_truth import GAP_KEY, GapProbe, gap_report, provenance_metadata  # noqa: E402
+from v2a_utils.errors import DataGenError, no_space, one_line  # noqa: E402
+from v2a_utils.mixtures import (  # noqa: E402
+    MAX_DATASET_TRANSITIONS,
+    dataset_ids,
+    entry_label,
+    entry_sizes,
+    min_source_size,
+    parse_source,
+    resolve_source,
+)
+from v2a_utils.shifts import ROBOTS, check_domain, domain_names, make_domain_env, robot_of  # noqa: E402
+
+# the entry point that every source dataset stores: `data_gen:make_shifted_env` (v2a_utils.shifts.ENTRY_POINT)
+from v2a_utils.shifts import make_shifted_env as make_shifted_env  # noqa: E402
 
 if TYPE_CHECKING:
-    from behaviour_policies import Actor
+    from v2a_utils.sac import Actor
 
 
 @dataclass
@@ -47,8 +73,8 @@ class Args:
     the nominal env, with reference scores. Example: `python data_gen.py --env-id Hopper-v4` (1M source and 100k
     target transitions, 4 to 8 min on a 2-core CPU, with progress lines; written under $MINARI_DATASETS_PATH, default
     ~/.minari/datasets). Supported env ids: Hopper, Walker2d, HalfCheetah, Ant, each -v4 or -v5; each robot has a
-    default mixture (DEFAULT_SOURCES). `--train-domain DOMAIN` instead trains the behaviour policies of a domain
-    (SAC, about 45-60 min). Details: docs/data_gen.md."""
+    default mixture (DEFAULT_SOURCES in v2a_utils/mixtures.py). `--train-domain DOMAIN` instead trains the behaviour
+    policies of a domain (SAC, about 45-60 min). Details: docs/data_gen.md."""
 
     env_id: str = "Hopper-v4"
     """the nominal (target) environment: Hopper, Walker2d, HalfCheetah or Ant, version v4 or v5"""
@@ -87,81 +113,6 @@ class Args:
     """torch CPU threads"""
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Dynamics shifts (ODRL families: gravity, friction, kinematic = joint range, morphology = limb/torso geometry)
-# --------------------------------------------------------------------------------------------------------------
-SCALE_LEVELS = ("0.1", "0.5", "2.0", "5.0")  # gravity and friction multipliers, as in ODRL
-JOINT_RANGE_SCALE = {"easy": 0.8, "medium": 0.5, "hard": 0.2}  # ODRL: Hopper leg [-150,0] -> [-120|-75|-30, 0]
-LIMB_LENGTH_SCALE = {"easy": 0.8, "medium": 0.6, "hard": 0.4}  # ODRL: Hopper foot capsule x0.8 ... x0.4
-TORSO_SCALE = {"easy": (1.2, 1.5), "medium": (1.6, 2.0), "hard": (2.0, 2.5)}  # (length, radius): torso 0.4->0.8, r 0.05->0.125
-ROBOTS = {
-    # robot: kinematic joint groups, morphology parts {part: (kind, geoms)}; kinds: torso (longer and thicker,
-    # growing upwards), girth (thicker only), limb (shorter)
-    "Hopper": dict(joints={"legjnt": ["leg_joint"], "footjnt": ["foot_joint"]},
-                   parts={"torso": ("torso", ["torso_geom"]), "foot": ("limb", ["foot_geom"])}),
-    "Walker2d": dict(joints={"thighjnt": ["thigh_joint", "thigh_left_joint"], "footjnt": ["foot_joint", "foot_left_joint"]},
-                     parts={"torso": ("torso", ["torso_geom"]), "foot": ("limb", ["foot_geom", "foot_left_geom"])}),
-    "HalfCheetah": dict(joints={"thighjnt": ["bthigh", "fthigh"], "footjnt": ["bfoot", "ffoot"]},
-                        parts={"torso": ("girth", ["torso", "head"]), "foot": ("limb", ["bfoot", "ffoot"])}),
-    "Ant": dict(joints={"hipjnt": [f"hip_{i}" for i in range(1, 5)], "anklejnt": [f"ankle_{i}" for i in range(1, 5)]},
-                parts={"alllegs": ("limb", ["left_ankle_geom", "right_ankle_geom", "third_ankle_geom", "fourth_ankle_geom"]),
-                       "halflegs": ("limb", ["left_ankle_geom", "right_ankle_geom"])}),
-}
-SUPPORTED_ENV_IDS = [f"{robot}-{v}" for robot in ROBOTS for v in ("v4", "v5")]
-# The default source mixture of each robot: three shift families, each collected by a different behaviour quality
-# (docs/data_gen.md, "Default mixtures"). The training scripts use the same defaults.
-DEFAULT_SOURCES = {
-    "Hopper": "torso-hard:random,gravity-0.5:expert,legjnt-hard:medium",
-    "Walker2d": "torso-hard:random,gravity-0.5:expert,thighjnt-hard:medium",
-    "HalfCheetah": "torso-hard:random,gravity-2.0:expert,thighjnt-hard:medium",
-    "Ant": "gravity-0.1:random,alllegs-hard:expert,hipjnt-medium:medium",
-}
-# Named mixtures (`--source crossed`; docs/data_gen.md, "Named mixtures"), resolved to their entries before anything
-# else, so a name and its entries name the same datasets. `crossed` crosses domain and behaviour quality, which the
-# defaults confound (one quality per domain): each of two domains with the same two qualities, whose returns differ
-# between the domains (value misassignment). Only committed policies, so it needs no training.
-NAMED_SOURCES = {
-    "Hopper": {"crossed": "gravity-0.5:medium,gravity-0.5:expert,legjnt-hard:medium,legjnt-hard:expert"},
-}
-QUALITIES = ("random", "medium", "expert")
-
-
-class DataGenError(Exception):
-    """A problem with the user's input: printed as one line, without a traceback."""
-
-
-def robot_of(env_id: str) -> str:
-    robot, _, version = env_id.rpartition("-")
-    if robot not in ROBOTS or version not in ("v4", "v5"):
-        raise DataGenError(f"unknown env id {env_id!r}; supported: {', '.join(SUPPORTED_ENV_IDS)}")
-    return robot
-
-
-def default_source(env_id: str) -> str:
-    """The default `--source` mixture of the robot of `env_id`."""
-    return DEFAULT_SOURCES[robot_of(env_id)]
-
-
-def resolve_source(env_id: str, source: Optional[str]) -> Optional[str]:
-    """What `--source` stands for: the robot's default for None, a named mixture's entries for its name, anything else
-    unchanged (parse_source then checks it, with one-line errors). Never raises: the training scripts call it too."""
-    robot = env_id.rpartition("-")[0]
-    if source is None:
-        return DEFAULT_SOURCES.get(robot)
-    return NAMED_SOURCES.get(robot, {}).get(source.strip(), source)
-
-
-def named_sources_hint() -> str:
-    return ", ".join(f"{name} ({robot})" for robot, names in NAMED_SOURCES.items() for name in names)
-
-
-def domain_names(robot: str) -> list[str]:
-    levels = list(JOINT_RANGE_SCALE)
-    return (["nominal"] + [f"gravity-{l}" for l in SCALE_LEVELS] + [f"friction-{l}" for l in SCALE_LEVELS]
-            + [f"{j}-{l}" for j in ROBOTS[robot]["joints"] for l in levels]
-            + [f"{p}-{l}" for p in ROBOTS[robot]["parts"] for l in levels])
-
-
 def description() -> str:
     """--help's text: Args' docstring and the shifts of every robot (made from ROBOTS: exactly what check_domain
     accepts)."""
@@ -172,193 +123,18 @@ def description() -> str:
             f"<name>-medium or <name>-hard (e.g. legjnt-hard): {own}.")
 
 
-def check_domain(robot: str, domain: str) -> str:
-    if domain not in domain_names(robot):
-        raise DataGenError(f"unknown shift {domain!r} for {robot}; known: {', '.join(domain_names(robot))}")
-    return domain
-
-
-def target_env_kwargs(env_id: str) -> dict:
-    # Ant-v5 appends 78 contact forces to the observation by default; drop them so that v4 and v5 match (27 dims).
-    return {"include_cfrc_ext_in_observation": False} if env_id == "Ant-v5" else {}
-
-
-def _scale_joint_range(lo: float, hi: float, s: float) -> tuple[float, float]:
-    if lo <= 0.0 <= hi:  # shrink towards the zero posture, as ODRL does
-        return lo * s, hi * s
-    near, far = (lo, hi) if abs(lo) < abs(hi) else (hi, lo)  # Ant ankles ([30, 70] deg): keep the inner bound
-    far = near + (far - near) * s
-    return min(near, far), max(near, far)
-
-
-def _scale_capsule(geom, length_scale: float, radius_scale: float, keep_bottom: bool):
-    """Scale a capsule geom of an MjSpec. Limb capsules keep their centre; torso capsules keep their lower end, so
-    the legs stay attached and the body grows upwards (ODRL's torso shift)."""
-    if not np.isnan(geom.fromto[0]):  # fromto capsules (Ant legs, HalfCheetah torso): keep the attached end
-        start, end = np.array(geom.fromto[:3]), np.array(geom.fromto[3:])
-        geom.fromto = np.concatenate([start, start + (end - start) * length_scale])
-    else:
-        half = geom.size[1]
-        geom.size[1] = half * length_scale
-        if keep_bottom:
-            geom.pos[2] = geom.pos[2] + half * (length_scale - 1.0)
-    geom.size[0] = geom.size[0] * radius_scale
-
-
-def build_shifted_model(xml_path: str, robot: str, domain: str) -> mujoco.MjModel:
-    """Compile the robot's model with the dynamics shift `domain` applied."""
-    family, _, level = domain.rpartition("-")
-    spec = mujoco.MjSpec.from_file(xml_path)
-    if family in ROBOTS[robot]["parts"]:
-        kind, geoms = ROBOTS[robot]["parts"][family]
-        for name in geoms:
-            if kind == "torso":
-                length_scale, radius_scale = TORSO_SCALE[level]
-                _scale_capsule(spec.geom(name), length_scale, radius_scale, keep_bottom=True)
-            elif kind == "girth":  # the legs hang from the ends of HalfCheetah's torso: change its radius only
-                _scale_capsule(spec.geom(name), 1.0, TORSO_SCALE[level][1], keep_bottom=False)
-            else:
-                _scale_capsule(spec.geom(name), LIMB_LENGTH_SCALE[level], 1.0, keep_bottom=False)
-    model = spec.compile()
-    if family == "gravity":
-        model.opt.gravity[:] = model.opt.gravity * float(level)
-    elif family == "friction":
-        model.geom_friction[:, 0] *= float(level)  # every geom, the floor included: contacts use the max of the pair
-    elif family in ROBOTS[robot]["joints"]:
-        for name in ROBOTS[robot]["joints"][family]:
-            j = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_JOINT, name)
-            model.jnt_range[j] = _scale_joint_range(*model.jnt_range[j], JOINT_RANGE_SCALE[level])
-    return model
-
-
-_SHIFTED_CLASSES: dict = {}
-
-
-def make_shifted_env(base_env_id: str, shift: str, **kwargs) -> gym.Env:
-    """Gymnasium entry point (`data_gen:make_shifted_env`) of every shifted domain: the class of `base_env_id`
-    with its model compiled by `build_shifted_model`. The kwargs live in the EnvSpec, so Minari's stored spec
-    rebuilds exactly this domain."""
-    robot = robot_of(base_env_id)
-    check_domain(robot, shift)
-    base_cls = gym.envs.registration.load_env_creator(gym.spec(base_env_id).entry_point)
-    if base_cls not in _SHIFTED_CLASSES:
-        class ShiftedEnv(base_cls):
-            def __init__(self, shift: str, **kw):
-                self._v2a_shift = shift  # read by _initialize_simulation inside the base __init__
-                super().__init__(**kw)
-
-            def _initialize_simulation(self):
-                model = build_shifted_model(self.fullpath, robot_of(base_env_id), self._v2a_shift)
-                model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
-                model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
-                return model, mujoco.MjData(model)
-
-        ShiftedEnv.__name__ = f"Shifted{base_cls.__name__}"
-        _SHIFTED_CLASSES[base_cls] = ShiftedEnv
-    return _SHIFTED_CLASSES[base_cls](shift=shift, **{**target_env_kwargs(base_env_id), **kwargs})
-
-
-for _env_id in SUPPORTED_ENV_IDS:  # guarded: the module is imported again as `data_gen` by the entry point
-    _robot, _, _version = _env_id.rpartition("-")
-    if f"V2A/Shifted{_robot}-{_version}" not in gym.registry:
-        gym.register(f"V2A/Shifted{_robot}-{_version}", entry_point="data_gen:make_shifted_env",
-                     max_episode_steps=1000, kwargs={"base_env_id": _env_id})
-
-
-def make_domain_env(env_id: str, domain: str) -> gym.Env:
-    """The nominal target env for `nominal`, otherwise the registered shifted env."""
-    if domain == "nominal":
-        return gym.make(env_id, **target_env_kwargs(env_id))
-    robot, _, version = env_id.rpartition("-")
-    return gym.make(f"V2A/Shifted{robot}-{version}", shift=domain)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Behaviour policies: the SAC actor (trained by behaviour_policies.py) and the random policy
-# --------------------------------------------------------------------------------------------------------------
 def __getattr__(name: str):
-    # `data_gen.Actor` (PEP 562): the actor class lives with its trainer in behaviour_policies.py, which imports torch;
+    # `data_gen.Actor` (PEP 562): the behaviour policies' actor class lives in v2a_utils/sac.py, which imports torch;
     # looking it up here imports it only when someone asks, so loading a shifted env never needs torch
     if name == "Actor":
-        from behaviour_policies import Actor
+        from v2a_utils.sac import Actor
         return Actor
     raise AttributeError(f"module 'data_gen' has no attribute {name!r}")
-
-
-def policy_act(actor: Optional["Actor"], obs: np.ndarray, env: gym.Env, rng: np.random.Generator,
-               deterministic: bool) -> np.ndarray:
-    """Action of a behaviour policy; `actor=None` is the uniform random policy."""
-    if actor is None:
-        return rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
-    import torch  # an actor exists, so torch is already imported: this is a dictionary look-up
-    with torch.inference_mode():
-        return actor.act(obs, deterministic)  # forward()'s action, bit for bit, in about half the time
-
-
-def evaluate_policy(env: gym.Env, actor: Optional["Actor"], episodes: int, seed: int,
-                    deterministic: bool = True) -> np.ndarray:
-    """Undiscounted returns of deterministic (mean-action) episodes, or of sampled actions as the data are collected
-    (their noise then comes from torch's global RNG: seed it first)."""
-    rng, returns = np.random.default_rng(seed), []
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=seed + ep)
-        done, ret = False, 0.0
-        while not done:
-            obs, r, term, trunc, _ = env.step(policy_act(actor, obs, env, rng, deterministic=deterministic))
-            ret, done = ret + float(r), term or trunc
-        returns.append(ret)
-    return np.array(returns)
-
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-POLICY_DIR = os.path.join(HERE, "policies")  # the committed policies, found from any working directory
-
-
-def policy_path(args: Args, robot: str, domain: str) -> str:
-    return os.path.join(POLICY_DIR if args.policy_dir is None else args.policy_dir, robot.lower(), f"{domain}.pt")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Mixture spec and dataset ids (the training scripts import these through v2a_utils.py: one grammar, one set of ids)
-# --------------------------------------------------------------------------------------------------------------
-def parse_source(spec: str) -> list[tuple[str, str, float]]:
-    """`domain:quality[:weight]` entries -> [(domain, quality, weight)]; a weight is a finite number > 0."""
-    entries = []
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        parts = item.split(":")
-        if len(parts) not in (2, 3) or parts[1] not in QUALITIES:
-            raise DataGenError(f"malformed source entry {item!r}: expected domain:quality[:weight] with quality "
-                               f"in {'|'.join(QUALITIES)}, e.g. 'gravity-0.5:random,torso-hard:medium', or a named "
-                               f"mixture: {named_sources_hint()}")
-        try:
-            weight = float(parts[2]) if len(parts) == 3 else 1.0
-        except ValueError:
-            weight = math.nan
-        if not (math.isfinite(weight) and weight > 0):
-            raise DataGenError(f"malformed source entry {item!r}: the weight must be a finite number > 0")
-        entries.append((parts[0], parts[1], weight))
-    if not entries:
-        raise DataGenError("empty source spec: give at least one domain:quality entry")
-    return entries
-
-
-def size_tag(n: int) -> str:
-    return f"{n // 1000}k" if n % 1000 == 0 else str(n)  # exact: 333333 -> "333333", 30000 -> "30k"
-
-
-def dataset_ids(env_id: str, source: str, source_size: int, target_size: int) -> tuple[list[str], str]:
-    entries = parse_source(source)
-    total = sum(w for _, _, w in entries)
-    ns = f"v2a/{env_id.lower()}"
-    src = [f"{ns}/source/{d.replace('.', 'p').replace('-', '')}-{q}-{size_tag(int(source_size * w / total))}-v0"
-           for d, q, w in entries]
-    return src, f"{ns}/target/medium-{size_tag(target_size)}-v0"
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Argument checks: every bad input is one line on stderr, before anything is read, trained or written
 # --------------------------------------------------------------------------------------------------------------
-MAX_DATASET_TRANSITIONS = 10_000_000  # per dataset
 COLLECT_RATE = 4500  # transitions/s of a default Hopper run on the 2-core CPU (1.1M transitions in 4 min 5 s)
 DIMS = {"Hopper": (11, 3), "Walker2d": (17, 6), "HalfCheetah": (17, 6), "Ant": (27, 8)}  # observation, action
 
@@ -368,26 +144,6 @@ def disk_bytes(robot: str, n: int) -> float:
     flags, and about 15 KB per episode, counted here for 1000-step episodes (the default Hopper datasets: 89 to 97
     bytes per transition with medium and expert policies, 495 with the random policy's 34-step episodes)."""
     return n * (4 * sum(DIMS[robot]) + 10 + 15)
-
-
-def entry_label(domain: str, quality: str, weight: float) -> str:
-    return f"{domain}:{quality}" + ("" if weight == 1.0 else f":{weight:g}")
-
-
-def entry_sizes(entries, source_size: int) -> list[int]:
-    total = sum(w for _, _, w in entries)
-    return [int(source_size * w / total) for _, _, w in entries]  # exactly as dataset_ids splits the mixture
-
-
-def min_source_size(entries) -> int:
-    """The smallest --source-size that gives every entry at least one transition."""
-    total = sum(w for _, _, w in entries)
-    need = max(max(1, math.ceil(total / w)) for _, _, w in entries)
-    while need > 1 and min(entry_sizes(entries, need - 1)) >= 1:  # float rounding, either way
-        need -= 1
-    while min(entry_sizes(entries, need)) < 1:
-        need += 1
-    return need
 
 
 def check_size(robot: str, what: str, n: int):
@@ -447,47 +203,12 @@ def validate_args(args: Args, robot: str):
 # --------------------------------------------------------------------------------------------------------------
 # Collection and storage
 # --------------------------------------------------------------------------------------------------------------
-SAC_WARMUP_STEPS = 5000  # uniform-random steps before SAC's first update (a tenth of the run when that is less)
-POLICY_TRAINING_TIME = "SAC 300k steps, about 45-60 min on one core of this 2-core CPU"
-
-
-def train_command(args: Args, domain: str) -> str:
-    script = "data_gen.py" if os.path.abspath(os.getcwd()) == HERE else os.path.join(HERE, "data_gen.py")
-    cmd = f"python {script} --env-id {args.env_id} --train-domain {domain}"
-    return cmd if args.policy_dir is None else f"{cmd} --policy-dir {args.policy_dir}"
-
-
-def load_actor(args: Args, robot: str, domain: str, quality: str) -> tuple[Optional["Actor"], dict]:
-    """The committed behaviour policy `quality` of `domain` (None for the uniform random policy)."""
-    if quality == "random":
-        return None, {}
-    path = policy_path(args, robot, domain)
-    if not os.path.exists(path):
-        raise DataGenError(f"no behaviour policy {path}; train it with: {train_command(args, domain)}  "
-                           f"({POLICY_TRAINING_TIME})")
-    import torch
-
-    from behaviour_policies import Actor
-    try:
-        record = torch.load(path, weights_only=False)
-        actor = Actor(record["obs_dim"], record["act_dim"])
-        actor.load_state_dict(record[quality]["state_dict"])
-    except Exception as e:
-        raise DataGenError(f"behaviour policy file {path} cannot be read ({one_line(e)}); train it again with: "
-                           f"{train_command(args, domain)}") from None
-    return actor, record[quality]
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
-
-
 def collect(env: gym.Env, actor: Optional["Actor"], n_transitions: int, seed: int, options: dict, probe=None):
     """Whole episodes until `n_transitions`; the last episode is cut there (flagged as truncated), so no
     transition spans two episodes. Actions are sampled from the stochastic policy, as D4RL's were. The torch RNG
     (the policy's action noise) is seeded here too, so a dataset's data depend only on `seed` and its policy, not
     on what ran before (which other datasets existed, how many actors were loaded). `probe` (a
-    data_gen_truth.GapProbe) measures each row's true dynamics gap, stored in the episode's infos."""
+    v2a_utils.data_truth.GapProbe) measures each row's true dynamics gap, stored in the episode's infos."""
     import torch
     from minari.data_collector.episode_buffer import EpisodeBuffer
 
@@ -523,10 +244,6 @@ def collect(env: gym.Env, actor: Optional["Actor"], n_transitions: int, seed: in
 def float32_box(space: gym.spaces.Box) -> gym.spaces.Box:
     """The space as stored: observations and actions are written as float32."""
     return gym.spaces.Box(space.low.astype(np.float32), space.high.astype(np.float32), space.shape, np.float32)
-
-
-def dataset_exists(dataset_id: str) -> bool:
-    return os.path.exists(os.path.join(datasets_root(), dataset_id))
 
 
 ROOM_HINT = "make room there, or set MINARI_DATASETS_PATH to a folder on a disk with room"
@@ -718,11 +435,8 @@ def generate(args: Args, robot: str):
                               action_space=float32_box(env.action_space))
                 policy = f"the {quality} SAC policy of that domain" if actor is not None else "a uniform random policy"
                 if domain == "nominal":
-                    eval_env = make_domain_env(args.env_id, "nominal")
-                    expert, _ = load_actor(args, robot, "nominal", "expert")
-                    ref_min = evaluate_policy(eval_env, None, args.ref_min_episodes, seed=args.seed + 123).mean()
-                    ref_max = evaluate_policy(eval_env, expert, args.ref_max_episodes, seed=args.seed + 456).mean()
-                    kwargs.update(ref_min_score=float(ref_min), ref_max_score=float(ref_max), description=(
+                    ref_min, ref_max = reference_scores(args, robot)
+                    kwargs.update(ref_min_score=ref_min, ref_max_score=ref_max, description=(
                         f"V2A target dataset: {n} transitions of {args.env_id} (the nominal dynamics) collected by "
                         f"{policy}. ref_min_score: uniform random policy, {args.ref_min_episodes} episodes; "
                         f"ref_max_score: the nominal expert, {args.ref_max_episodes} deterministic episodes. "
@@ -753,7 +467,7 @@ def generate(args: Args, robot: str):
     print(f"  target ref_min_score {target.storage.metadata['ref_min_score']:.1f}  "
           f"ref_max_score {target.storage.metadata['ref_max_score']:.1f}")
     if args.gap_figure is not None:
-        gap_report([(i, f"{d}:{q}") for i, d, q, _ in jobs[1:]], args.gap_figure, DataGenError,
+        gap_report([(i, f"{d}:{q}") for i, d, q, _ in jobs[1:]], args.gap_figure,
                    title=f"{args.env_id}: source datasets of {args.source_size:,} transitions, seed {args.seed}")
 
 
@@ -786,12 +500,9 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     if args.train_domain is not None:
-        from behaviour_policies import train_behaviour_policies  # SAC: only --train-domain needs it
         train_behaviour_policies(args, robot, args.train_domain)
         return
     if args.measure_episodes > 0:
-        from data_gen_measure import measure  # only this flag needs it
-
         measure(args, robot)
         return
     generate(args, robot)
@@ -801,12 +512,9 @@ if __name__ == "__main__":
     tie_to_parent(*PARENT_AT_START)  # before any work: a trainer killed by SIGKILL must not leave this process running
     import tyro
 
-    # run as the module `data_gen`, the one that behaviour_policies.py and the shifted envs' entry point import: one
-    # copy of its classes, so that `except DataGenError` catches what either raises
-    import data_gen
     try:
-        data_gen.main(tyro.cli(data_gen.Args, description=data_gen.description()))
-    except data_gen.DataGenError as e:
+        main(tyro.cli(Args, description=description()))
+    except DataGenError as e:
         sys.exit(f"data_gen.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit("data_gen.py: interrupted")

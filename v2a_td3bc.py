@@ -18,11 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-import v2a_filter_truth as truth
-import v2a_otdf as otdf
-import v2a_stability
-import v2a_utils as utils
-from v2a_utils import Run, fail, optimize, split
+import v2a_utils as utils  # the plumbing, as utils.<name>; v2a_utils/__init__.py says which module holds each
+from v2a_utils import Run, fail, optimize, otdf, split, stability
+from v2a_utils import filter_truth as truth
 
 SCRIPT = os.path.basename(__file__)
 VARIANT_STAGES = {"v2a": (1, 2, 3, 4), "dvdf": (3, 4), "igdf": (4,), "merged": (), "target": (), "bc": ()}
@@ -32,7 +30,7 @@ ROW_NAMES = {("igdf", "contrastive"): "igdf", ("dvdf", "contrastive"): "dvdf", (
              ("igdf", "ot"): "otdf", ("dvdf", "ot"): "dvdf-otdf", ("v2a", "ot"): "v2a-otdf"}
 REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP, SQL_BATCH = 16, 200, 1e-3, 10.0, 256  # docs/specification.md §7.1
 PROBE_TRAJ = 500  # trajectories of the domain probe logged during stage 1 (repr/stage1_domain_probe_acc)
-# the constants that determined each stage's result, recorded in its checkpoint's key (v2a_utils.stage_keys)
+# the constants that determined each stage's result, recorded in its checkpoint's key (utils.stage_keys)
 STAGE_CONSTANTS = {1: [REPR_BATCH, REPR_CROP, KL_BETA, GRAD_CLIP], 3: [SQL_BATCH],
                    "ot": [otdf.OT_THRESHOLD, otdf.OT_ITERS, otdf.OT_EPS, otdf.OT_CHUNK, otdf.OT_TARGET]}
 
@@ -57,8 +55,8 @@ class Args:
     """the nominal (target) environment; selects the Minari datasets `v2a/<env-id>/...`"""
     source: Optional[str] = None
     """the source mixture, `domain:quality[:weight]` entries (same grammar as data_gen.py), or a named mixture
-    (`crossed`: Hopper's two domains x two qualities, data_gen.py's NAMED_SOURCES); None: the robot's default
-    (Hopper: torso-hard:random,gravity-0.5:expert,legjnt-hard:medium; see data_gen.py's DEFAULT_SOURCES)"""
+    (`crossed`: Hopper's two domains x two qualities, v2a_utils/mixtures.py's NAMED_SOURCES); None: the robot's default
+    (Hopper: torso-hard:random,gravity-0.5:expert,legjnt-hard:medium; see v2a_utils/mixtures.py's DEFAULT_SOURCES)"""
     source_size: int = 1_000_000
     """total transitions of the source mixture"""
     target_size: int = 100_000
@@ -543,9 +541,9 @@ def make_filter(run: Run, z_traj, sql_q, sql_v, phi, psi, c_src: Optional[torch.
 
 
 def filter_accuracy(run: Run, filt: SourceFilter):
-    """The filter against the ground truth of generated data (v2a_filter_truth): h against each row's true dynamics
-    gap, A against its behaviour label, and the rows it keeps beside those the oracles keep at the same xi. Logged as
-    filter/accuracy/<metric> and kept for results.json (run.results)."""
+    """The filter against the ground truth of generated data (v2a_utils/filter_truth.py): h against each row's true
+    dynamics gap, A against its behaviour label, and the rows it keeps beside those the oracles keep at the same xi.
+    Logged as filter/accuracy/<metric> and kept for results.json (run.results)."""
     has_adv = 3 in run.stages or run.args.oracle == "full"
 
     def keep(idx, h_src, adv_src, is_oracle):  # eq. 5.5 on per-row scores (the oracle's h needs no OT normalisation)
@@ -632,7 +630,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
         # grad_and_value returns the gradients (and the loss) instead of filling .grad, adam_step_ is Adam's step on
         # them, and _foreach_lerp_ is the Polyak average target <- (1 - tau) target + tau online.
         qf_grads, (qf_loss, (s, a, q_min)) = utils.grad_and_value(critic_loss, utils.params(qf), x, w)
-        qf_norm = v2a_stability.grad_norm(qf_grads)  # logged: a divergence's trace
+        qf_norm = stability.grad_norm(qf_grads)  # logged: a divergence's trace
         utils.adam_step_(qf_opt, qf_grads)
         if actor_step:
             actor_grads, (_, loss) = utils.grad_and_value(actor_loss_, utils.params(actor), s, a)
@@ -701,9 +699,6 @@ def setup(args: Args) -> Run:
     if args.cuda and dev.type == "cpu":
         print("CUDA not available: running on CPU", flush=True)
     d, stages = utils.load_data(args, dev), run_stages(args)
-    if args.oracle != "none" and d.get("true_gap") is None:
-        fail(f"--oracle needs the true dynamics gap of every source row, which these datasets do not record (made "
-             f"before data_gen.py recorded it); {d.get('true_gap_hint', utils.regenerate_hint(args))}")
     d["stage5_rows"], d["stage5_stats"] = utils.stage5_data(d, args.normalize_states, args.reward_scale)
     keys = utils.stage_keys(args, d["records"], stages, SCRIPT, STAGE_CONSTANTS)
     return utils.start_run(args, SCRIPT, d, dev, stages, keys, row_name(args),

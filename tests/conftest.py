@@ -18,7 +18,7 @@ TINY = dict(env_id="Hopper-v4", source="torso-hard:random,gravity-0.5:expert,leg
 
 
 def validate_args(script_module, args):
-    """A training script's flag checks, as its setup() runs them (they live in v2a_utils.validate_args)."""
+    """A training script's flag checks, as its setup() runs them (they live in v2a_utils/flags.py, validate_args)."""
     m = script_module
     m.utils.validate_args(args, m.VARIANT_STAGES, m.PUBLISHED_TRADEOFF, m.backbone_errors(args))
 

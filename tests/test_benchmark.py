@@ -1,5 +1,5 @@
 """benchmark.py: the sweep runner (local pool and Ray) on a fake training script, one real tiny run of v2a_iql.py, and
-the report (benchmark_report.py) on fake exported runs checked against statistics computed by hand."""
+the report (v2a_utils/report.py) on fake exported runs checked against statistics computed by hand."""
 import ast
 import csv
 import glob
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import benchmark
-import benchmark_report
+from v2a_utils import report
 
 FAKE = textwrap.dedent('''
     """A stand-in for a training script: --total-steps steps of 0.05 s, one evaluation per step, a checkpoint
@@ -292,9 +292,11 @@ def test_real_tiny_run(tiny_data, tmp_path, capsys):
 def test_training_scripts_do_not_import_the_benchmark_dependencies():
     for script in ("v2a_iql.py", "v2a_td3bc.py", "data_gen.py"):
         tree = ast.parse(open(os.path.join(benchmark.ROOT, script)).read())
-        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        assert not names & {"ray", "rliable", "matplotlib", "benchmark", "benchmark_report"}, script
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                  for a in n.names}  # v2a_utils.report: `from v2a_utils import report`
+        names |= {name.split(".")[0] for name in names}
+        assert not names & {"ray", "rliable", "matplotlib", "benchmark", "v2a_utils.report"}, script
 
 
 # ---- report ------------------------------------------------------------------------------------------------------------
@@ -364,7 +366,7 @@ def test_report_statistics_and_verdict_rule(tmp_path):
         fake_export(res, "dvdf", i + 1, b)
     fake_export(res, "igdf", 1, None)  # unfinished: counted as such, not scored
     cfg = report_cfg(tmp_path)
-    (task, st), = benchmark_report.report(cfg).items()
+    (task, st), = report.report(cfg).items()
     assert task == ("v2a_iql", "Hopper-v4", 100000, None, 1000000, ())
     v, d = st["methods"]["v2a"], st["methods"]["dvdf"]
     assert "igdf" not in st["methods"] and v["n"] == d["n"] == 8
@@ -376,7 +378,7 @@ def test_report_statistics_and_verdict_rule(tmp_path):
     assert st["poi"][("v2a", "dvdf")]["p"] == pytest.approx(wins) == pytest.approx(0.5625)
     assert (st["k"], st["level"]) == (1, pytest.approx(0.95))  # one comparison: no correction
     np.random.seed(12345)  # the bootstrap is seeded by --seed alone, whatever NumPy's global state
-    assert benchmark_report.report(cfg)[task]["poi"][("v2a", "dvdf")]["ci"] == st["poi"][("v2a", "dvdf")]["ci"]
+    assert report.report(cfg)[task]["poi"][("v2a", "dvdf")]["ci"] == st["poi"][("v2a", "dvdf")]["ci"]
     md = open(tmp_path / "docs" / "results" / "fx.md").read()
     assert "| v2a | 8 | 0 | 45.0 [" in md and "| 45.0 ± 8.7 (range 10.0–80.0) |" in md and "| igdf | 0 | 1 | – |" in md
     assert claim(md, "v2a", "dvdf").startswith("- `v2a` > `dvdf`: not resolved (the CI includes 0.5): P(v2a > dvdf) = 0.56")
@@ -385,7 +387,7 @@ def test_report_statistics_and_verdict_rule(tmp_path):
         fake_export(res, "target", seed + 1, score)
     for seed, score in enumerate((20.0, 30.0, 25.0)):  # three seeds: mean and range only
         fake_export(res, "merged", seed + 1, score)
-    st = benchmark_report.report(cfg)[task]
+    st = report.report(cfg)[task]
     md = open(tmp_path / "docs" / "results" / "fx.md").read()
     assert st["k"] == 2 and st["level"] == pytest.approx(1 - 0.05 / 2)  # v2a vs dvdf and target; merged has 3 seeds
     assert "CIs of P at 97.5 % (Bonferroni over the 2 comparisons of this table)" in md
@@ -398,7 +400,7 @@ def test_report_statistics_and_verdict_rule(tmp_path):
             lo, hi = map(float, line.split("[", 1)[1].split("]")[0].split(", "))
             assert ("**holds**" in line) == (lo > 0.5) and ("**reversed**" in line) == (hi < 0.5), line
     (res / "reading.md").write_text("V2A ends above DVDF in 5 of 8 seeds.\n")  # the hand-written reading is kept
-    benchmark_report.report(cfg)
+    report.report(cfg)
     md = open(tmp_path / "docs" / "results" / "fx.md").read()
     assert "V2A ends above DVDF in 5 of 8 seeds." in md and "TODO (lead)" not in md
     pngs = sorted(os.listdir(tmp_path / "docs" / "results" / "fx"))
@@ -419,7 +421,7 @@ def test_report_evaluation_noise_table(tmp_path):
         fake_export(res, "v2a", seed, last, total=150, earlier=earlier)
         fake_export(res, "dvdf", seed, 10.0 * seed, total=150, earlier=[10.0 * seed, 10.0 * seed])
     cfg = report_cfg(tmp_path, reps=500, poi_reps=200, tail_evals=2)
-    (_, st), = benchmark_report.report(cfg).items()
+    (_, st), = report.report(cfg).items()
     assert st["methods"]["v2a"]["mean"] == pytest.approx(38.0)  # the score stays the last evaluation
     v, d = st["tail"]["methods"]["v2a"], st["tail"]["methods"]["dvdf"]
     assert v["scores"] == pytest.approx([25.0, 40.0, 75.0, 50.0, 20.0]) and v["mean"] == pytest.approx(42.0)
@@ -444,7 +446,7 @@ def test_report_one_page_per_sweep_and_an_index(tmp_path, capsys):
             fake_export(tmp_path / "results" / sweep, "dvdf", seed, 10.0 * seed)
     fake_export(tmp_path / "results" / "fx", "dvdf", 6, None)  # an export of a killed run: no results.json
     pages = tmp_path / "docs" / "results"
-    benchmark_report.report(report_cfg(tmp_path, "fx"))
+    report.report(report_cfg(tmp_path, "fx"))
     out = capsys.readouterr().out
     for line in ("[report] reading runs from", "[report] 11 runs: 10 finished, 1 unfinished (counted, not scored)",
                  "bootstrap (1000 replications", "[report] figure ", f"[report] wrote {pages / 'fx.md'}",
@@ -452,14 +454,14 @@ def test_report_one_page_per_sweep_and_an_index(tmp_path, capsys):
         assert line in out, line
     snapshot = {p: p.read_bytes() for p in [pages / "fx.md", *sorted((pages / "fx").iterdir())]}
     assert "| dvdf | 5 | 1 |" in snapshot[pages / "fx.md"].decode()
-    benchmark_report.report(report_cfg(tmp_path, "fy"))
+    report.report(report_cfg(tmp_path, "fy"))
     assert {p: p.read_bytes() for p in [pages / "fx.md", *sorted((pages / "fx").iterdir())]} == snapshot
     assert (pages / "fy.md").exists() and sorted(os.listdir(pages / "fy")) == sorted(os.listdir(pages / "fx"))
     index = (tmp_path / "docs" / "results.md").read_text()
     assert "- **[fx](results/fx.md)**\n  - Hopper-v4, release IQL: raw states and rewards; target 100,000\n" in index
     assert "- **[fy](results/fy.md)**\n" in index
     (pages / "fx" / "old_figure.png").write_bytes(b"")  # a figure the report no longer makes: removed
-    benchmark_report.report(report_cfg(tmp_path, "fx"))
+    report.report(report_cfg(tmp_path, "fx"))
     assert {p: p.read_bytes() for p in [pages / "fx.md", *sorted((pages / "fx").iterdir())]} == snapshot
 
 
@@ -479,7 +481,7 @@ def test_report_backbone_final_evaluation_and_anchors(tmp_path):
     for d in (res / "new").iterdir():
         d.rename(res / d.name)
     cfg = report_cfg(tmp_path)
-    stats = benchmark_report.report(cfg)
+    stats = report.report(cfg)
     md = open(tmp_path / "docs" / "results" / "fx.md").read()
     old_task, new_task = sorted(stats, key=lambda t: len(t[5]))
     assert stats[new_task]["methods"]["v2a"]["scores"] == pytest.approx([41, 42, 43, 44, 45])
@@ -505,9 +507,9 @@ def test_report_backbone_final_evaluation_and_anchors(tmp_path):
 def test_central_range_of_pooled_histograms():
     """The advantage figure's x range: the 1st to 99th percentile of all groups (5 % padding), not the far outliers."""
     body = [(float(e), 10.0) for e in range(-5, 6)]  # 110 rows between -5 and 5
-    lo, hi = benchmark_report.central_range([body, [(-1000.0, 1.0)], [(500.0, 1.0)]])
+    lo, hi = report.central_range([body, [(-1000.0, 1.0)], [(500.0, 1.0)]])
     assert (lo, hi) == pytest.approx((-5 - 0.5, 5 + 0.5))
-    assert benchmark_report.central_range([[(2.0, 3.0)]]) == (1.0, 3.0)  # one bucket: a unit pad
+    assert report.central_range([[(2.0, 3.0)]]) == (1.0, 3.0)  # one bucket: a unit pad
 
 
 def test_report_filter_accuracy_section_and_filter_only_runs(tmp_path):
@@ -521,7 +523,7 @@ def test_report_filter_accuracy_section_and_filter_only_runs(tmp_path):
                                                                            "value_misassign_cross": None}),
                   open(d / "results.json", "w"))
     fake_export(res, "target", 1, 50.0)
-    benchmark_report.report(report_cfg(tmp_path))
+    report.report(report_cfg(tmp_path))
     md = open(tmp_path / "docs" / "results" / "fx.md").read()
     assert "## Filter accuracy" in md and "| dvdf | 0 |" not in md and "| target | 1 | 0 |" in md
     row = next(x for x in md.split("\n") if x.startswith("| dvdf | [1, 2, 3] |"))
@@ -533,12 +535,12 @@ def test_report_filter_accuracy_section_and_filter_only_runs(tmp_path):
 def test_values_axis_clips_a_diverging_curve():
     """hopper-crossed: one diverging run's mean (thousands) flattened every other curve of the values figure; the axis
     now spans the central values and the title names the curve that leaves it."""
-    plt = benchmark_report.pyplot()
+    plt = report.pyplot()
     fig, ax = plt.subplots()
     ax.set_title("min Q")
     steady, wild = np.full(50, 250.0), np.r_[np.full(45, 250.0), np.linspace(800.0, 6600.0, 5)]  # the last 5 evaluations
-    benchmark_report.clip_to_central(ax, [("v2a", steady), ("igdf", steady + 5), ("dvdf", wild)])
+    report.clip_to_central(ax, [("v2a", steady), ("igdf", steady + 5), ("dvdf", wild)])
     assert ax.get_ylim()[1] < 6600 and "axis clipped: dvdf reaches 6,600" in ax.get_title()
-    benchmark_report.clip_to_central(ax2 := fig.add_subplot(), [("v2a", steady), ("igdf", steady + 5)])
+    report.clip_to_central(ax2 := fig.add_subplot(), [("v2a", steady), ("igdf", steady + 5)])
     assert "clipped" not in ax2.get_title()
     plt.close(fig)

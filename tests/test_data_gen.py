@@ -15,8 +15,7 @@ import torch
 from conftest import ROOT, SUBPROCESS_TIMEOUT, TINY, run_script
 
 import data_gen as dg
-import data_gen_measure
-import data_gen_parent
+from v2a_utils import behaviour, mixtures, processes, shifts
 
 
 def first_divergence(env_id: str, domain: str, steps: int = 300) -> float:
@@ -63,7 +62,7 @@ def test_shift_changes_next_state_other_robots(env_id, domains):
         assert first_divergence(env_id, domain, steps=60) > 1e-3, domain
 
 
-@pytest.mark.parametrize("env_id", dg.SUPPORTED_ENV_IDS)
+@pytest.mark.parametrize("env_id", shifts.SUPPORTED_ENV_IDS)
 def test_spaces_equal_target(env_id):
     target = dg.make_domain_env(env_id, "nominal")
     robot = dg.robot_of(env_id)
@@ -77,10 +76,10 @@ def test_spaces_equal_target(env_id):
 
 
 def test_joint_range_scaling():
-    assert dg._scale_joint_range(-150, 0, 0.2) == (-30, 0)            # ODRL Hopper leg, hard
-    assert dg._scale_joint_range(-45, 45, 0.8) == (-36, 36)            # ODRL Hopper foot, easy
-    assert dg._scale_joint_range(30, 70, 0.5) == (30, 50)              # Ant ankle: keep the inner bound
-    assert dg._scale_joint_range(-70, -30, 0.5) == (-50, -30)
+    assert shifts._scale_joint_range(-150, 0, 0.2) == (-30, 0)            # ODRL Hopper leg, hard
+    assert shifts._scale_joint_range(-45, 45, 0.8) == (-36, 36)            # ODRL Hopper foot, easy
+    assert shifts._scale_joint_range(30, 70, 0.5) == (30, 50)              # Ant ankle: keep the inner bound
+    assert shifts._scale_joint_range(-70, -30, 0.5) == (-50, -30)
 
 
 def test_parse_source():
@@ -96,22 +95,22 @@ def test_parse_source():
 
 
 def test_dataset_ids_are_exact():
-    assert [dg.size_tag(n) for n in (333333, 30000, 30500, 5000, 1000, 999)] == ["333333", "30k", "30500", "5k",
+    assert [mixtures.size_tag(n) for n in (333333, 30000, 30500, 5000, 1000, 999)] == ["333333", "30k", "30500", "5k",
                                                                                  "1k", "999"]
     src, tgt = dg.dataset_ids("Hopper-v4", "gravity-0.5:random,torso-hard:expert", 1_000_000, 5000)
     assert src == ["v2a/hopper-v4/source/gravity0p5-random-500k-v0", "v2a/hopper-v4/source/torsohard-expert-500k-v0"]
     assert tgt == "v2a/hopper-v4/target/medium-5k-v0"
-    src, _ = dg.dataset_ids("Hopper-v4", dg.default_source("Hopper-v4"), 1_000_000, 100_000)
+    src, _ = dg.dataset_ids("Hopper-v4", mixtures.default_source("Hopper-v4"), 1_000_000, 100_000)
     assert src[1] == "v2a/hopper-v4/source/gravity0p5-expert-333333-v0"
     # two sizes that used to share a tag no longer share an id
     assert dg.dataset_ids("Hopper-v4", "a:random", 30000, 1)[0] != dg.dataset_ids("Hopper-v4", "a:random", 30500, 1)[0]
 
 
-@pytest.mark.parametrize("env_id", dg.SUPPORTED_ENV_IDS)
+@pytest.mark.parametrize("env_id", shifts.SUPPORTED_ENV_IDS)
 def test_default_source_per_robot(env_id):
     robot = dg.robot_of(env_id)
-    assert dg.default_source(env_id) == dg.DEFAULT_SOURCES[robot]
-    entries = dg.parse_source(dg.default_source(env_id))
+    assert mixtures.default_source(env_id) == mixtures.DEFAULT_SOURCES[robot]
+    entries = dg.parse_source(mixtures.default_source(env_id))
     assert sorted(q for _, q, _ in entries) == ["expert", "medium", "random"]
     for domain, _, _ in entries:
         dg.check_domain(robot, domain)
@@ -119,10 +118,10 @@ def test_default_source_per_robot(env_id):
 
 
 def test_named_source_resolves():
-    crossed = dg.NAMED_SOURCES["Hopper"]["crossed"]
+    crossed = mixtures.NAMED_SOURCES["Hopper"]["crossed"]
     for env_id in ("Hopper-v4", "Hopper-v5"):
         assert dg.resolve_source(env_id, "crossed") == crossed
-        assert dg.resolve_source(env_id, None) == dg.DEFAULT_SOURCES["Hopper"]
+        assert dg.resolve_source(env_id, None) == mixtures.DEFAULT_SOURCES["Hopper"]
     assert dg.resolve_source("Hopper-v4", "gravity-0.5:expert") == "gravity-0.5:expert"  # entries stay entries
     assert dg.resolve_source("Walker2d-v4", "crossed") == "crossed"  # not Walker2d's: parse_source says so, one line
     with pytest.raises(dg.DataGenError, match="^malformed source entry 'crossed'.*named mixture: crossed \\(Hopper\\)$"):
@@ -133,14 +132,14 @@ def test_named_source_resolves():
                 "v2a/hopper-v4/source/legjnthard-medium-250k-v0", "v2a/hopper-v4/source/legjnthard-expert-250k-v0"])
 
 
-@pytest.mark.parametrize("robot,name", [(r, n) for r, names in dg.NAMED_SOURCES.items() for n in names])
+@pytest.mark.parametrize("robot,name", [(r, n) for r, names in mixtures.NAMED_SOURCES.items() for n in names])
 def test_crossed_structure(robot, name):
     """Domain and behaviour quality crossed, not confounded: two or more domains with two or more qualities each, a
     quality in two or more domains; every policy it needs is committed."""
-    entries = dg.parse_source(dg.NAMED_SOURCES[robot][name])
+    entries = dg.parse_source(mixtures.NAMED_SOURCES[robot][name])
     qualities = {d: {q for dd, q, _ in entries if dd == d} for d, _, _ in entries}
     assert sum(len(q) >= 2 for q in qualities.values()) >= 2
-    assert any(sum(q in qs for qs in qualities.values()) >= 2 for q in dg.QUALITIES)
+    assert any(sum(q in qs for qs in qualities.values()) >= 2 for q in mixtures.QUALITIES)
     for domain, quality, _ in entries:
         dg.check_domain(robot, domain)
         assert quality == "random" or os.path.exists(os.path.join(ROOT, "policies", robot.lower(), f"{domain}.pt"))
@@ -155,15 +154,15 @@ def test_trainers_accept_named_source(script):
     m = importlib.import_module(script)
     args = m.Args(env_id="Hopper-v4", source="crossed")
     validate_args(m, args)
-    assert args.source == dg.NAMED_SOURCES["Hopper"]["crossed"]  # what run_data_gen passes on and the ids derive from
+    assert args.source == mixtures.NAMED_SOURCES["Hopper"]["crossed"]  # what run_data_gen passes on and the ids derive from
 
 
 def test_crossed_quality_values_differ():
     """The structure `crossed` is there for, measured with the committed policies: the same quality is worth different
     returns in the two domains (docs/data_gen.md, "Named mixtures", has the 20-episode table)."""
-    args = dg.Args(source=dg.NAMED_SOURCES["Hopper"]["crossed"], measure_episodes=2, ref_min_episodes=2,
+    args = dg.Args(source=mixtures.NAMED_SOURCES["Hopper"]["crossed"], measure_episodes=2, ref_min_episodes=2,
                    ref_max_episodes=1)
-    rows = {(r["domain"], r["quality"]): r["deterministic"].mean() for r in data_gen_measure.measure(args, "Hopper")}
+    rows = {(r["domain"], r["quality"]): r["deterministic"].mean() for r in behaviour.measure(args, "Hopper")}
     for quality in ("medium", "expert"):
         assert rows[("legjnt-hard", quality)] > 1.5 * rows[("gravity-0.5", quality)]
     # by return, gravity-0.5's expert data sit between legjnt-hard's medium and expert data, nearer the medium
@@ -492,7 +491,7 @@ def test_committed_policies_found_from_another_directory(tmp_path):
                           env=script_env(tmp_path / "datasets"), capture_output=True, text=True,
                           timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr
-    source_ids, target_id = dg.dataset_ids("Hopper-v4", dg.NAMED_SOURCES["Hopper"]["crossed"], 400, 100)
+    source_ids, target_id = dg.dataset_ids("Hopper-v4", mixtures.NAMED_SOURCES["Hopper"]["crossed"], 400, 100)
     for dataset_id in source_ids + [target_id]:
         assert (tmp_path / "datasets" / dataset_id / "data" / "main_data.hdf5").exists(), dataset_id
     assert os.listdir(tmp_path / "elsewhere") == []
@@ -514,7 +513,7 @@ def test_train_domain_reports_at_once(tmp_path):
     assert started < 30 and "[gravity-2.0] step " in stdout() and "warning" not in (tmp_path / "train.stderr").read_text()
 
 
-# A parent that runs data_gen.py as v2a_utils.run_data_gen does (own session, stderr piped), and says the child's pid
+# A parent that runs data_gen.py as v2a_utils.data.run_data_gen does (own session, stderr piped), and says the child's pid
 PARENT = """
 import subprocess, sys
 child = subprocess.Popen([sys.executable, *sys.argv[1:]], stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -534,10 +533,10 @@ def test_child_stops_when_its_parent_is_killed(tmp_path):
         wait_for(lambda: os.path.isdir(f"{root}-staging-{child}"), what="the child collecting")
         parent.kill()  # SIGKILL: no handler of the parent's runs
         parent.wait()
-        wait_for(lambda: not data_gen_parent.pid_alive(child), timeout=15, what="the orphaned data_gen.py to stop")
+        wait_for(lambda: not processes.pid_alive(child), timeout=15, what="the orphaned data_gen.py to stop")
         assert staging_folders(root) == []  # it stopped through its SIGTERM handler, which removes the staging folder
     finally:
-        if data_gen_parent.pid_alive(child):
+        if processes.pid_alive(child):
             os.kill(child, signal.SIGKILL)
 
 
@@ -575,7 +574,7 @@ def test_sac_trainer_writes_medium_and_expert(tmp_path):
 
 
 def test_sac_trainer_errors_are_one_line(tmp_path):
-    """behaviour_policies.py raises data_gen's DataGenError: one line, no traceback, from data_gen.py's main."""
+    """v2a_utils/behaviour.py raises DataGenError: one line, no traceback, from data_gen.py's main."""
     (tmp_path / "hopper").mkdir()
     (tmp_path / "hopper" / "gravity-2.0.train-state.pt").write_text("not a checkpoint")
     proc = run_script("data_gen.py", "--train-domain", "gravity-2.0", "--policy-steps", "1200", "--policy-eval-freq",
@@ -586,12 +585,12 @@ def test_sac_trainer_errors_are_one_line(tmp_path):
 
 def test_an_unreadable_parent_does_not_break_the_import(monkeypatch):
     """A process whose parent's /proc/<pid>/exe cannot be read (reparented to PID 1 after `nohup ... &` in a container,
-    another user's parent) must still import data_gen: the training scripts import it. It crashed with
+    another user's parent) must still import data_gen: the shifted envs' entry point imports it. It crashed with
     PermissionError at import before."""
     def denied(path, strict=False):
         raise PermissionError(13, "Permission denied", path)
 
     with monkeypatch.context() as m:
         m.setattr(os.path, "realpath", denied)
-        assert data_gen_parent.parent_now() == (os.getppid(), "")
+        assert processes.parent_now() == (os.getppid(), "")
     assert dg.tie_to_parent(os.getppid(), "") is False  # such a parent is not followed

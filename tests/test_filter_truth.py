@@ -1,4 +1,4 @@
-"""The filter's accuracy against ground truth (v2a_filter_truth.py) on hand-made scores with known answers, the oracle
+"""The filter's accuracy against ground truth (v2a_utils/filter_truth.py) on hand-made scores with known answers, the oracle
 scores, and the --oracle / --filter-only flags of both scripts."""
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_v2a import SCRIPTS, TINY_BUDGETS, run
 
-import v2a_filter_truth as truth
+from v2a_utils import filter_truth as truth
 
 
 # ---- the rank statistics --------------------------------------------------------------------------------------------

@@ -21,11 +21,9 @@ from test_benchmark import fake_export, report_cfg
 from test_trust import TINY, refused, train
 
 import benchmark
-import benchmark_report
 import data_gen
-import v2a_integrity
 import v2a_iql
-import v2a_utils
+from v2a_utils import flags, report, runs, training
 
 
 @pytest.fixture
@@ -95,7 +93,7 @@ def test_runs_started_in_the_same_second_keep_their_own_folders(tiny_data, tmp_p
 def make_folder(name, start, queue):
     while time.time() < start:  # every process at the same instant
         pass
-    queue.put(v2a_integrity.new_run_folder(name))
+    queue.put(runs.new_run_folder(name))
 
 
 def test_simultaneous_starts_make_distinct_folders(tmp_path, monkeypatch):
@@ -133,8 +131,8 @@ def test_a_second_writer_is_refused_and_kill_9_frees_the_folder(tiny_data, tmp_p
     finally:
         writer.kill()
         writer.wait()
-    v2a_integrity.lock_run_folder(run_dir)  # free again: no error
-    assert open(os.path.join(run_dir, v2a_integrity.RUN_LOCK)).read().strip() == str(os.getpid())
+    runs.lock_run_folder(run_dir)  # free again: no error
+    assert open(os.path.join(run_dir, runs.RUN_LOCK)).read().strip() == str(os.getpid())
 
 
 # ---- a full disk ------------------------------------------------------------------------------------------------------
@@ -177,9 +175,9 @@ def test_a_full_disk_in_the_trainers_data_generation_is_one_line(tiny_data, smal
 def test_a_full_disk_at_a_checkpoint_and_at_results_is_one_line(tiny_data, small_disk, monkeypatch):
     """The disk fills just before the last stage-5 checkpoint, then (room made, --resume) before results.json: each
     time one line that says so and names the file, no .tmp left behind, and --resume after making room finishes."""
-    disk, save, write_results = small_disk("32m"), v2a_utils.save, v2a_utils.write_results
+    disk, save, write_results = small_disk("32m"), training.save, training.write_results
     full = lambda f: lambda *a: (fill(disk), f(*a))
-    monkeypatch.setattr(v2a_utils, "save", lambda obj, path: (full(save) if obj.get("step") == 100 else save)(obj, path))
+    monkeypatch.setattr(training, "save", lambda obj, path: (full(save) if obj.get("step") == 100 else save)(obj, path))
     msg = refused("v2a_iql", target_only(tiny_data), disk)
     (run_dir,) = glob.glob(str(disk / "runs" / "*"))
     rel = os.path.relpath(run_dir, disk)
@@ -187,13 +185,13 @@ def test_a_full_disk_at_a_checkpoint_and_at_results_is_one_line(tiny_data, small
     assert sorted(os.listdir(run_dir)) == [".v2a-run.lock", "args.json", os.path.basename(
         glob.glob(os.path.join(run_dir, "events.*"))[0]), "stage5.pt"]  # step 50's
     os.remove(disk / "filler")
-    monkeypatch.setattr(v2a_utils, "save", save)
-    monkeypatch.setattr(v2a_utils, "write_results", full(write_results))
+    monkeypatch.setattr(training, "save", save)
+    monkeypatch.setattr(training, "write_results", full(write_results))
     msg = refused("v2a_iql", ["--resume", run_dir], disk)
     assert f"cannot write {run_dir}/results.json (no space left on device); training is done" in msg
     assert not glob.glob(os.path.join(run_dir, "*.tmp")) and not os.path.exists(os.path.join(run_dir, "results.json"))
     os.remove(disk / "filler")
-    monkeypatch.setattr(v2a_utils, "write_results", write_results)
+    monkeypatch.setattr(training, "write_results", write_results)
     train("v2a_iql", ["--resume", run_dir], disk)
     assert json.load(open(os.path.join(run_dir, "results.json")))["final_eval"]["step"] == 100
 
@@ -257,7 +255,7 @@ def test_every_value_of_a_flag_given_twice_is_checked(tiny_data, tmp_path):
     msg = refused("v2a_iql", ["--total-steps", "abc", *target_only(tiny_data)], tmp_path)
     assert "error: Error parsing --total-steps: invalid literal for int() with base 10: 'abc'; python v2a_iql.py --help" in msg
     assert not os.path.exists(tmp_path / "runs")
-    assert v2a_integrity.flag_error(v2a_iql.Args, ["--total-steps", "100", "--total_steps=1000"])[0].total_steps == 1000
+    assert flags.flag_error(v2a_iql.Args, ["--total-steps", "100", "--total_steps=1000"])[0].total_steps == 1000
 
 
 @pytest.mark.parametrize("flag", ["eval_freq", "eval_episodes", "final_eval_episodes", "log_freq", "batch_size", "z_dim"])
@@ -307,7 +305,7 @@ def test_a_small_sweeps_page_says_what_it_scored(tmp_path):
             res = json.load(open(path))
             res["final_eval"].update(episodes=2, returns=[0.0] * 2, normalized_scores=[10.0 * seed] * 2)
             json.dump(res, open(path, "w"))
-    benchmark_report.report(report_cfg(tmp_path, reps=200, poi_reps=200))
+    report.report(report_cfg(tmp_path, reps=200, poi_reps=200))
     md = open(tmp_path / "docs" / "results" / "fx.md").read()
     assert "mean of its last 2 periodic evaluations" in md and "last 5" not in md
     assert "at least 50" not in md and "(2 episodes at the end of stage 5" in md
@@ -316,14 +314,14 @@ def test_a_small_sweeps_page_says_what_it_scored(tmp_path):
 def test_the_estimate_measures_this_machine(tiny_data, tmp_path, monkeypatch, capsys):
     """The printed estimate scales the docs' rates by a probe of this machine: a machine at half their speed gets
     twice the time. The probe leaves the run's random streams alone."""
-    import v2a_timing  # here: the other tests of this file run on code that predates it
+    from v2a_utils import timing  # here: the other tests of this file run on code that predates it
 
     rng = torch.get_rng_state()
-    assert v2a_timing.machine_probe(torch.device("cpu"), seconds=0.05) > 0 and torch.equal(torch.get_rng_state(), rng)
+    assert timing.machine_probe(torch.device("cpu"), seconds=0.05) > 0 and torch.equal(torch.get_rng_state(), rng)
     args = types.SimpleNamespace(env_id="Hopper-v4", repr_steps=100_000, sql_steps=0, dynamics_score="contrastive",
                                  info_steps=0, total_steps=0, vae_steps=0)
-    at = lambda speed: v2a_utils.estimate(args, "v2a_iql.py", (1,), {}, torch.device("cpu"), 16 * 56.4, speed)
+    at = lambda speed: timing.estimate(args, "v2a_iql.py", (1,), {}, torch.device("cpu"), 16 * 56.4, speed)
     assert "stage 1 2.8 h" in at(1.0) and "stage 1 5.6 h" in at(0.5) and "0.50x that CPU's" in at(0.5)
-    monkeypatch.setattr(v2a_timing, "machine_probe", lambda dev: v2a_timing.PROBE_RATE / 2)
+    monkeypatch.setattr(timing, "machine_probe", lambda dev: timing.PROBE_RATE / 2)
     train("v2a_iql", target_only(tiny_data), tmp_path)
     assert "scaled by this machine's speed, 0.50x that CPU's by a quarter-second probe" in capsys.readouterr().out

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import validate_args  # noqa: E402
 
 import v2a_iql as v  # noqa: E402
-import v2a_otdf as otdf  # noqa: E402
 import v2a_utils  # noqa: E402
+from v2a_utils import otdf, training  # noqa: E402
 
 OT_ROWS = {"otdf": "igdf", "dvdf-otdf": "dvdf", "v2a-otdf": "v2a"}  # row -> --variant (with --dynamics-score ot)
 STAGE_FILES = {"otdf": [4, 5], "dvdf-otdf": [3, 4, 5], "v2a-otdf": [1, 2, 3, 4, 5]}
@@ -182,14 +182,14 @@ def test_dataset_constraint_end_to_end_and_resume(tiny_data, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     flags = dict(variant="igdf", dynamics_score="ot", dataset_constraint=0.5, vae_steps=30, repr_steps=20, sql_steps=20,
                  info_steps=20, total_steps=100, eval_freq=50, eval_episodes=1, log_freq=50, compile=False)
-    checkpoints, save = {}, v2a_utils.save
+    checkpoints, save = {}, training.save
 
     def keep_stage5(state, path):
         save(state, path)
         if path.endswith("stage5.pt"):
             checkpoints[state["step"]] = open(path, "rb").read()
 
-    monkeypatch.setattr(v2a_utils, "save", keep_stage5)
+    monkeypatch.setattr(training, "save", keep_stage5)
     v.main(v.Args(env_id=tiny_data["env_id"], source=tiny_data["source"], source_size=tiny_data["source_size"],
                   target_size=tiny_data["target_size"], **flags))
     (run_dir,) = glob.glob(os.path.join(tmp_path, "runs", "*__v2a_iql__otdf__*"))

@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, run_script
 
 import data_gen as dg
+from v2a_utils import mixtures
 
 COMMITTED = {robot: sorted(os.path.basename(p)[: -len(".pt")]
                            for p in glob.glob(os.path.join(ROOT, "policies", robot.lower(), "*.pt"))
@@ -38,14 +39,14 @@ def test_every_robot_has_its_default_mixtures_policies():
     """The four robots of the paper: every domain that a default mixture collects with a policy, and the nominal one
     (target data, reference scores), has a committed policy file."""
     for robot in dg.ROBOTS:
-        needed = {"nominal"} | {d for d, q, _ in dg.parse_source(dg.DEFAULT_SOURCES[robot]) if q != "random"}
+        needed = {"nominal"} | {d for d, q, _ in dg.parse_source(mixtures.DEFAULT_SOURCES[robot]) if q != "random"}
         assert needed <= set(COMMITTED[robot]), (robot, needed - set(COMMITTED[robot]))
 
 
 @pytest.mark.parametrize("robot", ROBOTS_WITH_POLICIES)
 def test_committed_policies_collect_and_train(robot, tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
-    env_id, random_domain = f"{robot}-v4", dg.parse_source(dg.DEFAULT_SOURCES[robot])[0][0]
+    env_id, random_domain = f"{robot}-v4", dg.parse_source(mixtures.DEFAULT_SOURCES[robot])[0][0]
     shifted = [d for d in COMMITTED[robot] if d != "nominal"]  # nominal's policies make the target and reference scores
     entries = [f"{random_domain}:random"] + [f"{d}:{q}" for d in shifted for q in ("medium", "expert")]
     source, per_entry = ",".join(entries), 400

@@ -1,4 +1,4 @@
-"""The critic-divergence instruments and fixes (v2a_stability.py, the IQL flags --critic-layernorm, --td-target-clip,
+"""The critic-divergence instruments and fixes (v2a_utils/stability.py, the IQL flags --critic-layernorm, --td-target-clip,
 --critic-grad-clip)."""
 import glob
 import os
@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_v2a import SCRIPTS, TINY_BUDGETS, run
 
-import v2a_stability
+from v2a_utils import stability
 
 
 def test_clip_grads_is_clip_grad_norm():
@@ -16,18 +16,18 @@ def test_clip_grads_is_clip_grad_norm():
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     net(torch.randn(5, 3)).pow(2).sum().backward()
     grads = {k: p.grad.clone() for k, p in net.named_parameters()}
-    norm = v2a_stability.clip_grads_(grads, 0.1)
+    norm = stability.clip_grads_(grads, 0.1)
     assert norm == pytest.approx(float(torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)), rel=1e-5)
     for k, p in net.named_parameters():
         assert torch.allclose(grads[k], p.grad, atol=1e-7)
     same = {k: g.clone() for k, g in grads.items()}
-    v2a_stability.clip_grads_(same, 0.0)  # 0: off
+    stability.clip_grads_(same, 0.0)  # 0: off
     assert all(torch.equal(same[k], grads[k]) for k in grads)
 
 
 def test_return_bounds_by_hand():
-    assert v2a_stability.return_bounds(torch.tensor([-1.0, 3.0]), 0.99) == pytest.approx((-100.0, 300.0))
-    assert v2a_stability.return_bounds(torch.tensor([0.5, 3.0]), 0.9) == pytest.approx((0.0, 30.0))  # r > 0: lo 0
+    assert stability.return_bounds(torch.tensor([-1.0, 3.0]), 0.99) == pytest.approx((-100.0, 300.0))
+    assert stability.return_bounds(torch.tensor([0.5, 3.0]), 0.9) == pytest.approx((0.0, 30.0))  # r > 0: lo 0
 
 
 def scalars(run_dir: str) -> set:

@@ -1,4 +1,4 @@
-"""What a dataset carries besides its arrays (data_gen_truth.py): the true dynamics gap of every row, stored with the
+"""What a dataset carries besides its arrays (v2a_utils/data_truth.py): the true dynamics gap of every row, stored with the
 dataset and loaded aligned with the source rows; the fingerprint of its arrays and the machine that made it, checked
 when a training script loads it; datasets made before either keep working."""
 import json
@@ -15,17 +15,16 @@ import torch
 from conftest import ROOT, SUBPROCESS_TIMEOUT, run_script
 
 import data_gen as dg
-import data_gen_truth
-import v2a_integrity
 import v2a_iql
 import v2a_utils
+from v2a_utils import data_truth, runs, shifts
 
 
 def gaps_of(path, dataset_id):
     old = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(path)
     try:
-        return data_gen_truth.read_gaps(dataset_id)
+        return data_truth.read_gaps(dataset_id)
     finally:
         os.environ["MINARI_DATASETS_PATH"] = old
 
@@ -48,7 +47,7 @@ def test_gap_of_each_domain(tiny_data):
     assert (torso > 0).all() and torso.mean() > 0.2
 
 
-@pytest.mark.parametrize("env_id", dg.SUPPORTED_ENV_IDS)
+@pytest.mark.parametrize("env_id", shifts.SUPPORTED_ENV_IDS)
 def test_gap_probe_every_robot(env_id):
     """Every robot, v4 and v5 (Ant-v5 without its contact forces, as the datasets have it): the nominal env stepped from
     a nominal row's own state reproduces it bit for bit (gap exactly 0), a gravity domain's rows never; the gap sits in
@@ -56,9 +55,9 @@ def test_gap_probe_every_robot(env_id):
     gaps = {}
     for domain in ("nominal", "gravity-0.5"):
         env = dg.make_domain_env(env_id, domain)
-        probe = data_gen_truth.GapProbe(env, dg.make_domain_env(env_id, "nominal"))
+        probe = data_truth.GapProbe(env, dg.make_domain_env(env_id, "nominal"))
         buffers = dg.collect(env, None, 60, seed=3, options={}, probe=probe)
-        gaps[domain] = np.concatenate([b.infos[data_gen_truth.GAP_KEY] for b in buffers])
+        gaps[domain] = np.concatenate([b.infos[data_truth.GAP_KEY] for b in buffers])
         assert len(gaps[domain]) == 60 and gaps[domain].dtype == np.float32
     assert (gaps["nominal"] == 0).all() and (gaps["gravity-0.5"] > 0).all()
 
@@ -103,7 +102,7 @@ def test_loaded_gap_and_records(tiny_data):
     assert (gap[dom == "legjnt-hard"] == 0).mean() > 0.8
     for ds_id in src_ids + [tgt_id]:
         record = d["records"][ds_id]
-        content = data_gen_truth.fingerprint(minari_episodes(tiny_data["minari_path"], ds_id))
+        content = data_truth.fingerprint(minari_episodes(tiny_data["minari_path"], ds_id))
         assert record["fingerprint"] == content and len(content) == 16
         assert {"cpu", "os", "python", "numpy", "mujoco", "torch"} <= set(record["machine"])
         assert record["env_id"] == tiny_data["env_id"]  # the generation record as before
@@ -145,7 +144,7 @@ def test_datasets_made_before_load_as_before(tiny_data, tmp_path):
     new, _ = load(tiny_data)
     np.testing.assert_array_equal(d["data"].numpy(), new["data"].numpy())
     # a checkpoint's key made before records carried fingerprint and machine equals the key of an old dataset now
-    keys = lambda records: v2a_integrity.stage_keys(args, records, (1, 2, 3, 4), "v2a_iql.py", v2a_iql.STAGE_CONSTANTS)
+    keys = lambda records: runs.stage_keys(args, records, (1, 2, 3, 4), "v2a_iql.py", v2a_iql.STAGE_CONSTANTS)
     before = {i: {k: v for k, v in r.items() if k not in ("fingerprint", "machine")} for i, r in d["records"].items()}
     old_key = keys(before)
     assert keys(d["records"])[1] != old_key[1]  # the sources that have a fingerprint key with it
@@ -162,7 +161,7 @@ def test_changed_dataset_is_one_line(tiny_data, tmp_path):
     with pytest.raises(SystemExit) as e:
         load(tiny_data, path)
     msg = str(e.value)
-    content = data_gen_truth.fingerprint(minari_episodes(path, ds_id))
+    content = data_truth.fingerprint(minari_episodes(path, ds_id))
     assert "\n" not in msg and f"dataset {ds_id} does not match its fingerprint" in msg
     assert stored in msg and content in msg and content != stored and "--overwrite" in msg
 

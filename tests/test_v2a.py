@@ -18,6 +18,7 @@ import data_gen
 import v2a_iql as v
 import v2a_td3bc
 import v2a_utils
+from v2a_utils import flags, mixtures, timing, training
 
 SCRIPTS = {"v2a_iql": v, "v2a_td3bc": v2a_td3bc}
 
@@ -327,27 +328,27 @@ def test_mixture_grammar_errors_are_one_line(spec, monkeypatch):
         expected = data_gen.parse_source(spec)
     except data_gen.DataGenError as e:
         with pytest.raises(SystemExit) as err:
-            v2a_utils.parse_source(spec)
+            flags.parse_source(spec)
         assert str(err.value) == f"v2a_td3bc.py: error: {e}"
         return
-    assert v2a_utils.parse_source(spec) == expected
+    assert flags.parse_source(spec) == expected
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_default_ids_and_sources(script, capsys):
     m = SCRIPTS[script]
-    assert data_gen.size_tag(30_000) == "30k" and data_gen.size_tag(30_500) == "30500"  # exact: no two sizes share an id
-    src, tgt = data_gen.dataset_ids("Hopper-v4", data_gen.DEFAULT_SOURCES["Hopper"], 1_000_000, 100_000)
+    assert mixtures.size_tag(30_000) == "30k" and mixtures.size_tag(30_500) == "30500"  # exact: no two sizes share an id
+    src, tgt = data_gen.dataset_ids("Hopper-v4", mixtures.DEFAULT_SOURCES["Hopper"], 1_000_000, 100_000)
     assert src == ["v2a/hopper-v4/source/torsohard-random-333333-v0", "v2a/hopper-v4/source/gravity0p5-expert-333333-v0",
                    "v2a/hopper-v4/source/legjnthard-medium-333333-v0"]
     assert tgt == "v2a/hopper-v4/target/medium-100k-v0"
     args = m.Args(env_id="Ant-v5")
     validate_args(m, args)  # --source None: the robot's default
-    assert args.source == data_gen.DEFAULT_SOURCES["Ant"]
+    assert args.source == mixtures.DEFAULT_SOURCES["Ant"]
     with pytest.raises(SystemExit):
         tyro.cli(m.Args, args=["--help"])
     help_text = capsys.readouterr().out
-    for name in (n for names in data_gen.NAMED_SOURCES.values() for n in names):
+    for name in (n for names in mixtures.NAMED_SOURCES.values() for n in names):
         assert f"`{name}`" in help_text  # --help names every named mixture
 
 
@@ -371,7 +372,7 @@ def test_space_mismatch_is_one_line(script, tiny_data, tmp_path, monkeypatch):
                                              action_space=gym.spaces.Box(-1, 1, (3,)))
     args = SCRIPTS[script].Args(env_id=tiny_data["env_id"], source=tiny_data["source"],
                                 source_size=tiny_data["source_size"], target_size=tiny_data["target_size"], generate=False)
-    record = dict(v2a_utils.expected_generation(args)[bad_id], seed=0)  # passes the generation check
+    record = dict(flags.expected_generation(args)[bad_id], seed=0)  # passes the generation check
     bad.storage.update_metadata({"v2a_generation": json.dumps(record)})
     with pytest.raises(SystemExit, match=rf"{script}.py: error: the spaces of .* differ from the target's"):
         SCRIPTS[script].main(args)
@@ -436,7 +437,7 @@ def test_non_finite_loss_stops_the_stage():
         def add_scalar(self, *a):
             pass
     with pytest.raises(SystemExit, match="non-finite loss in stage X at step 2"):
-        v2a_utils.run_stage("stage X", 5, lambda i: torch.tensor([float("nan") if i == 2 else 1.0]), ["l"], Writer(), 1)
+        training.run_stage("stage X", 5, lambda i: torch.tensor([float("nan") if i == 2 else 1.0]), ["l"], Writer(), 1)
 
 
 # ---- the time estimate printed when a run starts -------------------------------------------------------------------
@@ -446,7 +447,7 @@ def test_the_estimate_scales_stage_1_with_the_crop_steps():
     def stage_1(crop_steps, repr_steps):
         args = types.SimpleNamespace(env_id="Hopper-v4", repr_steps=repr_steps, sql_steps=0, dynamics_score="contrastive",
                                      info_steps=0, total_steps=0, vae_steps=0)
-        line = v2a_utils.estimate(args, "v2a_iql.py", (1,), {}, torch.device("cpu"), crop_steps)
+        line = timing.estimate(args, "v2a_iql.py", (1,), {}, torch.device("cpu"), crop_steps)
         return line.split("stage 1 ")[1].split(")")[0]
 
     assert stage_1(16 * 56.4, 100_000) == "2.8 h"
@@ -522,7 +523,7 @@ def check_run(variant, proc, run_dir):
     final = results["final_eval"]  # the score: its own evaluation of the last policy, on seeds no periodic one uses
     assert final["step"] == 100 and final["episodes"] == len(final["returns"]) == len(final["normalized_scores"]) == 3
     assert results["final_normalized_score"] == pytest.approx(sum(final["normalized_scores"]) / 3)
-    assert final["seed"] == 1 + v2a_utils.FINAL_EVAL_SEED and 0 < results["target_data_normalized_score"] < 150
+    assert final["seed"] == 1 + training.FINAL_EVAL_SEED and 0 < results["target_data_normalized_score"] < 150
     assert "final score (the 3-episode evaluation" in proc.stdout
     assert torch.load(os.path.join(run_dir, "stage5.pt"), weights_only=False)["step"] == 100
     if variant in ("v2a", "dvdf"):

@@ -1,76 +1,30 @@
 # The results report of benchmark.py (docs/benchmark.md): `python benchmark.py report --sweep <name>` refreshes the
-# exports in results/<name>/ (benchmark.export_run) and regenerates the sweep's page docs/results/<name>.md and its
-# figures from them alone, then the index docs/results.md: tables judged by the verdict rule (rliable statistics),
-# learning curves and diagnostic figures. benchmark.py holds the command line (the Report flags) and the runner, and
-# imports this file only for `report`; rliable and matplotlib are imported here only where they are used.
+# exports in results/<name>/ (exports.export_run) and regenerates the sweep's page docs/results/<name>.md and its
+# figures from them alone, then the index docs/results.md: tables judged by the verdict rule (verdict.py), learning
+# curves and diagnostic figures. benchmark.py holds the command line (its Report flags are `cfg` here) and imports this
+# module only for `report`; rliable and matplotlib are imported here only where they are used.
 import csv
 import glob
 import itertools
 import json
 import os
 import shlex
-import warnings
 import zlib
-from typing import Callable
 
 import numpy as np
 
-import v2a_filter_truth as filter_truth
-from benchmark import ROOT, VARIANTS, Report, export_run, read_json
+from v2a_utils import filter_truth
+from v2a_utils.exports import NORM_FLAGS, export_run, load_runs
+from v2a_utils.repository import ROOT
+from v2a_utils.verdict import EXPERT, MIN_SEEDS, claim_lines, method_order, point, task_stats, variant_of
 
-RANKING = ["v2a", "dvdf", "igdf", "merged"]  # the paper's claim, best first
-BASELINE = "target"  # target data only: V2A must beat it for the source data to have helped at all
-PAPER_GAIN = {"dvdf": 13.7, "igdf": 21.4}  # the paper's relative improvement of V2A over these baselines, %
-TASK_FLAGS = ("env_id", "target_size", "source", "source_size")  # with the script: what makes a task (not a method)
-
-
-# ---- Report ------------------------------------------------------------------------------------------------------------
-# The verdict rule (docs/benchmark.md#the-verdict-rule), fixed before the runs and applied to every table the same way
-MIN_SEEDS = 5  # fewer finished seeds: mean and range only (a bootstrap over 3 runs is little more than the runs themselves)
-ALPHA = 0.05  # family-wise error rate of a table's pairwise comparisons (Bonferroni: each CI at 1 - ALPHA / k)
-EXPERT = 100.0  # the normalized score of the target env's expert (ref_max): the optimality gap's threshold
-# the backbone's input scaling and actor settings (flags newer than the Hopper sweep): part of the task, not a method
-NORM_FLAGS = ("normalize_states", "reward_scale", "awr_clip", "actor_schedule")
 # Runners older than commit 4b8be74 (2026-11-26 14:54:51 UTC) read an attempt's code version when the attempt ended, so
 # an attempt that started before it names the checkout at its end, not the code it started with
 CODE_AT_START_SINCE = 1795704891
 REPORT_SECTIONS = ("Reading", "Setup", "Filter accuracy")  # sections that are not score tables (the index lists those)
 
 
-def load_runs(folder: str) -> list[dict]:
-    """Exported runs: dicts with the task, the method, finished or not, the score and how it was measured, the periodic
-    evaluations, the curves and the record."""
-    runs = []
-    for d in sorted(glob.glob(os.path.join(folder, "*", "run.json"))):
-        d = os.path.dirname(d)
-        rec, args, res = (read_json(os.path.join(d, f)) for f in ("run.json", "args.json", "results.json"))
-        if not args:
-            continue
-        script = (args.get("script") or rec.get("script") or "?").removesuffix(".py")
-        grid = rec.get("spec", {}).get("grid", {})
-        task = (script, args.get("env_id"), args.get("target_size"), args.get("source"), args.get("source_size"),
-                tuple((k, args[k]) for k in NORM_FLAGS if k in args))
-        extra = [f"{k}={v}" for k, v in grid.items() if k.replace("-", "_") not in TASK_FLAGS + NORM_FLAGS]
-        # finished: results.json reached --total-steps; an export of a killed run has none and is counted, not scored
-        finished = bool(res and res.get("evals") and res["evals"][-1][0] >= args.get("total_steps", 0))
-        evals = [e[2] for e in res["evals"]] if finished else []  # [step, return, normalized score] per evaluation
-        final = (res or {}).get("final_eval") if finished else None
-        curves: dict = {}
-        if os.path.exists(os.path.join(d, "curves.csv")):
-            with open(os.path.join(d, "curves.csv")) as fh:
-                for row in csv.DictReader(fh):
-                    curves.setdefault(row["tag"], []).append((int(row["step"]), float(row["value"])))
-        runs.append(dict(dir=d, name=os.path.basename(d), task=task, variant=args.get("variant"), seed=args.get("seed"),
-                         method=" ".join([args.get("variant", "?"), *extra]), args=args, rec=rec, finished=finished,
-                         # the score: the final evaluation (its own seeds); runs that predate it, the last periodic
-                         # evaluation (labelled so on the page)
-                         score=(final["normalized_score"] if final else evals[-1]) if finished else None,
-                         final=final, evals=evals, curves=curves, accuracy=(res or {}).get("filter_accuracy"),
-                         filter_only=bool((res or {}).get("filter_only")),
-                         data_level=(res or {}).get("target_data_normalized_score") if finished else None))
-    return runs
-
-
+# ---- What a table is: its task (the script, the data, the backbone's inputs), and the levels it is read against -------
 def backbone_label(task) -> str:
     """The backbone with how it scales states and rewards; runs that predate the flags used the release's raw inputs."""
     script, norm = task[0], dict(task[5])
@@ -95,130 +49,6 @@ def task_slug(task) -> str:
     script, env, tsize, source, ssize, norm = task
     return (f"{env}_{script.replace('v2a_', '')}_t{tsize}" + (f"_{zlib.crc32(source.encode()) % 10**6}" if source else "")
             + (f"_n{zlib.crc32(repr(norm).encode()) % 10**4}" if norm else ""))
-
-
-def method_order(m: str) -> tuple:
-    v = m.split(" ")[0]
-    order = VARIANTS + ["bc"]
-    return (order.index(v) if v in order else len(order), m)
-
-
-def variant_of(m: str) -> str:
-    return m.split(" ")[0]
-
-
-def compared_pairs(methods: list[str]) -> list[tuple[str, str]]:
-    """The pairwise comparisons a table reports, the family of its Bonferroni correction: P(V2A > X) for every v2a method
-    and every other method, and the paper's ranking steps that do not involve V2A (dvdf > igdf, igdf > merged)."""
-    pairs = [(a, b) for a in methods if variant_of(a) == "v2a" for b in methods if variant_of(b) != "v2a"]
-    for suffix in sorted({m.partition(" ")[2] for m in methods}):
-        names = [" ".join(filter(None, [v, suffix])) for v in RANKING]
-        pairs += [(a, b) for a, b in zip(names[1:], names[2:]) if a in methods and b in methods]
-    return pairs
-
-
-def claims(present: set) -> list[tuple[str, str]]:
-    """The claims a table tests, for the methods it has runs of: each step of V2A > DVDF > IGDF > merged, V2A > target
-    only and V2A > BC (per group of grid flags)."""
-    out = []
-    for suffix in sorted({m.partition(" ")[2] for m in present}):
-        names = [" ".join(filter(None, [v, suffix])) for v in RANKING]
-        out += [(a, b) for a, b in zip(names, names[1:]) if a in present and b in present]
-        out += [(names[0], b) for b in (" ".join(filter(None, [x, suffix])) for x in (BASELINE, "bc"))
-                if names[0] in present and b in present]
-    return out
-
-
-def task_stats(runs: list[dict], reps: int, poi_reps: int, seed: int, score: Callable = lambda r: r["score"]) -> dict:
-    """Per method: n, mean, standard error, range and, with MIN_SEEDS finished seeds or more, IQM, mean and optimality
-    gap with 95 % stratified-bootstrap CIs (rliable) of `score` over the finished runs; per compared pair with MIN_SEEDS
-    seeds each: the probability of improvement with its CI at 1 - ALPHA / k (k: the pairs compared)."""
-    from rliable import library, metrics
-    from scipy import stats
-    warnings.filterwarnings("ignore", category=FutureWarning, module="arch")  # rliable 1.2 passes arch's random_state
-
-    scores = {}
-    for r in runs:
-        if r["finished"]:
-            scores.setdefault(r["method"], []).append(score(r))
-    out = {"methods": {}, "poi": {}}
-    rs = np.random.RandomState(seed)
-    aggregates = lambda v: np.array([metrics.aggregate_iqm(v), metrics.aggregate_mean(v),  # noqa: E731
-                                     metrics.aggregate_optimality_gap(v, EXPERT)])
-    for m, s in sorted(scores.items(), key=lambda kv: method_order(kv[0])):
-        x = np.asarray(s, float)
-        out["methods"][m] = dict(n=len(x), mean=float(x.mean()), se=float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1
-                                 else float("nan"), lo=float(x.min()), hi=float(x.max()), scores=x.tolist())
-        if len(x) >= MIN_SEEDS:
-            np.random.seed(rs.randint(2**31))  # rliable's stratified resampling draws from NumPy's global RNG too
-            pt, ci = library.get_interval_estimates({m: x[:, None]}, aggregates, reps=reps, random_state=rs)
-            out["methods"][m].update(iqm=float(pt[m][0]), iqm_ci=[float(ci[m][0][0]), float(ci[m][1][0])],
-                                     agg=pt[m].tolist(), agg_ci=ci[m].tolist())
-    testable = [(a, b) for a, b in compared_pairs(list(out["methods"]))
-                if min(out["methods"][a]["n"], out["methods"][b]["n"]) >= MIN_SEEDS]
-    out["k"], out["level"] = len(testable), 1 - ALPHA / max(1, len(testable))
-    for a, b in testable:
-        x, y = (np.asarray(scores[k], float)[:, None] for k in (a, b))
-        # rliable's independent-samples bootstrap (two score arrays) ignores random_state and draws its indices from
-        # NumPy's global RNG: seed that from rs, or these CIs change from one regeneration to the next
-        np.random.seed(rs.randint(2**31))
-        p, ci = library.get_interval_estimates({"p": (x, y)}, metrics.probability_of_improvement, reps=poi_reps,
-                                               confidence_interval_size=out["level"], random_state=rs)
-        # the check on the bootstrap, which is liberal with few seeds: the Mann-Whitney U test of the same P = 0.5
-        u = stats.mannwhitneyu(x[:, 0], y[:, 0], alternative="two-sided", method="auto")
-        out["poi"][(a, b)] = dict(p=float(np.squeeze(p["p"])), ci=[float(np.squeeze(ci["p"][0])),
-                                                                  float(np.squeeze(ci["p"][1]))], u_p=float(u.pvalue))
-    ordered, running = sorted(out["poi"].values(), key=lambda v: v["u_p"]), 0.0
-    for i, v in enumerate(ordered):  # Holm-Bonferroni over the same family
-        running = max(running, min(1.0, (len(ordered) - i) * v["u_p"]))
-        v["u_holm"] = running
-    return out
-
-
-def point(s: dict) -> float:
-    """A method's level: the IQM with MIN_SEEDS seeds or more, else the mean."""
-    return s["iqm"] if "iqm" in s else s["mean"]
-
-
-def verdict(stats: dict, a: str, b: str) -> tuple[str, str]:
-    """('holds' | 'reversed' | 'not resolved' | 'not testable', its line) for the claim a > b."""
-    ms = stats["methods"]
-    if (a, b) not in stats["poi"]:
-        have = ", ".join(f"{m}: {ms[m]['n'] if m in ms else 0}" for m in (a, b))
-        return "not testable", (f"not testable (finished seeds {have}; the rule needs {MIN_SEEDS} of each)")
-    poi = stats["poi"][(a, b)]
-    p, (lo, hi), holm = poi["p"], poi["ci"], poi["u_holm"]
-    state = "holds" if lo > 0.5 else "reversed" if hi < 0.5 else "not resolved"
-    text = {"holds": "**holds**", "reversed": f"**reversed** (`{b}` > `{a}` holds)",
-            "not resolved": "not resolved (the CI includes 0.5)"}[state]
-    check = ("; the Mann-Whitney test agrees" if (holm < ALPHA) == (state != "not resolved") else
-             "; **the Mann-Whitney test does not confirm it**" if holm >= ALPHA else "; the Mann-Whitney test rejects P = 0.5")
-    return state, (f"{text}: P({a} > {b}) = {p:.2f} [{lo:.2f}, {hi:.2f}]; Mann-Whitney p = {poi['u_p']:.3f}, "
-                   f"Holm-adjusted {holm:.3f}{check}; IQM {ms[a]['iqm']:.1f} against {ms[b]['iqm']:.1f}")
-
-
-def claim_lines(stats: dict, present: set) -> list[str]:
-    """The table's claims by the verdict rule, the paper's ranking (every step must hold), and the relative difference
-    of the means against the paper's gains."""
-    lines, ms, states = [], stats["methods"], {}
-    for a, b in claims(present):
-        states[(a, b)], text = verdict(stats, a, b)
-        lines.append(f"- `{a}` > `{b}`: {text}")
-    for suffix in sorted({m.partition(" ")[2] for m in present}):
-        names = [" ".join(filter(None, [v, suffix])) for v in RANKING]
-        steps = [states.get((a, b)) for a, b in zip(names, names[1:])]
-        if all(s is not None for s in steps):
-            held = sum(s == "holds" for s in steps)
-            ranking = ("**holds** (every step holds)" if held == len(steps) else
-                       "not testable" if "not testable" in steps else f"does not hold ({held} of {len(steps)} steps hold)")
-            lines.append(f"- the ranking {' > '.join(f'`{n}`' for n in names)}: {ranking}")
-        for b, paper in [*PAPER_GAIN.items(), (BASELINE, None), ("bc", None)]:
-            a, bb = names[0], " ".join(filter(None, [b, suffix]))
-            if a in ms and bb in ms and ms[bb]["mean"]:
-                gain = 100 * (ms[a]["mean"] - ms[bb]["mean"]) / abs(ms[bb]["mean"])
-                lines.append(f"- mean of `{a}` (n={ms[a]['n']}) relative to `{bb}` (n={ms[bb]['n']}): {gain:+.1f} %"
-                             + (f" (paper: +{paper} %)" if paper is not None else ""))
-    return lines
 
 
 def anchors(truns: list[dict], st: dict) -> dict:
@@ -279,6 +109,7 @@ def level_text(st: dict) -> str:
             "table)" if st["k"] else "–")
 
 
+# ---- Figures --------------------------------------------------------------------------------------------------------
 def mean_ci(values: np.ndarray, rs: np.random.RandomState, reps: int = 2000):
     """Mean over seeds and its 95 % percentile-bootstrap CI (columns: steps)."""
     boots = values[rs.randint(len(values), size=(reps, len(values)))].mean(1)
@@ -583,6 +414,7 @@ VALUE_TAGS = {"charts/q_target_rows": "min Q on the batch's target rows (mean of
               "charts/awr_weight_source_share": "IQL: source rows' share of the actor's weight"}
 
 
+# ---- The page -------------------------------------------------------------------------------------------------------
 def say(msg: str):
     print(f"[report] {msg}", flush=True)
 
@@ -593,7 +425,7 @@ def doc_link(page: str) -> str:
         "#the-verdict-rule"
 
 
-def rule_lines(cfg: "Report", page: str) -> list[str]:
+def rule_lines(cfg, page: str) -> list[str]:
     return [f"**The verdict rule** ([docs/benchmark.md]({doc_link(page)}), fixed before the runs, applied to every table "
             "below the same way). *Score:* the final evaluation of each finished run (its `--final-eval-episodes` "
             "episodes, 50 by default, on seeds of its own: each table says how many); runs that predate it are scored by "
@@ -611,7 +443,9 @@ def rule_lines(cfg: "Report", page: str) -> list[str]:
             "seeds gets its mean and range (min–max) only, no IQM, CI or verdict.", ""]
 
 
-def report(cfg: "Report") -> dict:
+def report(cfg) -> dict:
+    """The sweep's page, its figures and the index, from the flags of `python benchmark.py report` (`cfg`); returns the
+    statistics of each table."""
     sweep = os.path.basename(cfg.sweep.rstrip("/"))
     runs_dir, res_dir = os.path.join(cfg.runs_root, sweep), os.path.join(cfg.results_root, sweep)
     if cfg.export and os.path.isdir(runs_dir):
@@ -696,7 +530,7 @@ def report(cfg: "Report") -> dict:
 
 
 def accuracy_section(runs: list[dict], seed: int) -> list[str]:
-    """The filter's accuracy against the truth of the generated data (v2a_filter_truth), per task: every run that
+    """The filter's accuracy against the truth of the generated data (filter_truth.py), per task: every run that
     recorded it, --filter-only runs and trained ones alike."""
     acc_tasks: dict = {}
     for r in runs:

@@ -1,12 +1,12 @@
 # Time for v2a_iql.py and v2a_td3bc.py: --bench's timing of each stage, and the estimate a run prints when it starts,
 # from the rates of the docs' CPU scaled by a short probe of this machine. Nothing here changes what a run computes.
-# v2a_utils.py imports these back (utils.bench_stage in the scripts). docs: docs/speed.md
+# docs: docs/speed.md
 import time
 
 import torch
 import torch.utils.flop_counter
 
-import data_gen
+from v2a_utils.shifts import robot_of
 
 
 def bench_stage(name: str, step_fn, steps: int, warmup: int = 20, matmul_gflops: float = 0.0):
@@ -92,7 +92,7 @@ def estimate(args, script: str, stages: tuple, loaded: dict, dev: torch.device, 
     from the flags' budgets and `crop_steps`, the mean trajectory steps of one TC-ELBO iteration on these data."""
     r, constraint = CPU_RATES, getattr(args, "dataset_constraint", 0.0) > 0  # an IQL-only flag
     start = loaded[5][1]["step"] if 5 in loaded else 0
-    stage1_rate = r["tc_elbo"].get(data_gen.robot_of(args.env_id), 5000.0) / crop_steps
+    stage1_rate = r["tc_elbo"].get(robot_of(args.env_id), 5000.0) / crop_steps
     seconds = {1: args.repr_steps / stage1_rate, 3: args.sql_steps / r["sql"],
                4: args.info_steps / r["info"] if args.dynamics_score == "contrastive"
                else r["ot_seconds_per_million_rows"] * args.source_size / 1e6,

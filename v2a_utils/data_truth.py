@@ -1,8 +1,8 @@
 # What a dataset of data_gen.py carries besides its arrays (docs/data_gen.md, "The true dynamics gap" and "Fingerprints
 # and machines"): the true dynamics gap of every row, measured while the data are collected by stepping the nominal env
 # from the row's own simulator state, and the fingerprint of the arrays with the machine that made them; and `flatten`,
-# the training scripts' one pass over a dataset's episodes, which reads both back. data_gen.py passes in what these
-# need: this module imports neither data_gen.py nor torch (minari and matplotlib only where the figure is drawn).
+# the training scripts' one pass over a dataset's episodes, which reads both back. No torch (data_gen.py imports this
+# module, and must load the shifted envs without it); minari and matplotlib only where the figure is drawn.
 import hashlib
 import json
 import math
@@ -12,6 +12,8 @@ import sys
 
 import mujoco
 import numpy as np
+
+from v2a_utils.errors import DataGenError
 
 GAP_KEY = "true_gap"  # the per-step key of the episodes' `infos`: one float32 per row
 FINGERPRINT_KEY, MACHINE_KEY = "v2a_fingerprint", "v2a_machine"  # dataset metadata, beside v2a_generation
@@ -136,14 +138,14 @@ def read_gaps(dataset_id: str):
     return None if any(p is None for p in parts) else np.concatenate(parts).astype(np.float64)
 
 
-def gap_report(datasets: list[tuple[str, str]], path: str, error: type, title: str):
+def gap_report(datasets: list[tuple[str, str]], path: str, title: str):
     """`--gap-figure PATH`: print the gap's numbers for each (dataset id, label) and draw them into `path`; a dataset
-    without the gap raises `error` (data_gen.py's one-line error)."""
+    without the gap is data_gen.py's one-line error."""
     groups = []
     for dataset_id, label in datasets:
         gap = read_gaps(dataset_id)
         if gap is None:
-            raise error(f"dataset {dataset_id} holds no true dynamics gap (made before data_gen.py recorded it); pass "
+            raise DataGenError(f"dataset {dataset_id} holds no true dynamics gap (made before data_gen.py recorded it); pass "
                         f"--overwrite to regenerate it")
         s = gap_stats(gap)
         print(f"  true gap of {label}: {s['rows']} rows, mean {s['mean']:.4f}, median {s['median']:.4f}, 90th "

@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import v2a_utils as utils
-from v2a_utils import Run, fail, optimize
+from v2a_utils.errors import fail, one_line
+from v2a_utils.training import Run
+from v2a_utils.update import optimize
 
 # OT score (OTDF, docs/specification.md §10): Sinkhorn threshold and iteration cap as OTDF, epsilon = OT_EPS x mean of the
 # max-scaled cost (ott-jax 0.4.5's default, which OTDF uses), OTDF's 10,000-row source chunks, a 5,000-row target subsample
@@ -36,7 +37,7 @@ def ot_plan(src: torch.Tensor, tgt: torch.Tensor, iters: int = OT_ITERS):
     try:
         import ot  # POT, Python Optimal Transport (requirements.txt); imported here: only this stage needs it
     except ImportError as e:
-        fail(f"--dynamics-score ot needs POT ({utils.one_line(e)}): pip install pot==0.9.7.post1")
+        fail(f"--dynamics-score ot needs POT ({one_line(e)}): pip install pot==0.9.7.post1")
     for dtype, method in ((torch.float32, "sinkhorn"), (torch.float64, "sinkhorn"), (torch.float64, "sinkhorn_log")):
         cost = 1.0 - F.normalize(src.to(dtype), dim=1, eps=1e-8) @ F.normalize(tgt.to(dtype), dim=1, eps=1e-8).T
         cost /= cost.max().clamp(min=1e-12)

@@ -1,79 +1,136 @@
-# SAC (Haarnoja et al. 2018) behaviour policies of one dynamics-shifted domain: `python data_gen.py --env-id
-# Hopper-v4 --train-domain gravity-0.5` runs train_behaviour_policies. Its checkpoints give the medium and expert actors
-# that data_gen.py collects with (policies/<robot>/<domain>.pt). docs: docs/data_gen.md ("Behaviour policies")
+# The behaviour policies that collect the source and target data: where they are stored (policies/<robot>/<domain>.pt,
+# committed), loading one, acting and evaluating with it in a domain, measuring each mixture entry's policy
+# (`python data_gen.py --measure-episodes N`), and training a domain's policies with SAC (`python data_gen.py
+# --train-domain DOMAIN`); `args` is data_gen.py's flags throughout. docs: docs/data_gen.md ("Behaviour policies")
+# torch only where a policy runs (its networks are in sac.py): data_gen.py imports this module, and must load the
+# shifted envs without torch.
 import os
 import time
+from typing import TYPE_CHECKING, Optional
 
+import gymnasium as gym
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from data_gen import SAC_WARMUP_STEPS, Args, DataGenError, evaluate_policy, make_domain_env, one_line, policy_act, policy_path
+from v2a_utils.errors import DataGenError, one_line
+from v2a_utils.mixtures import parse_source
+from v2a_utils.repository import ROOT
+from v2a_utils.shifts import make_domain_env
 
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+if TYPE_CHECKING:
+    from v2a_utils.sac import Actor
 
-
-class Actor(nn.Module):
-    """Tanh-Gaussian SAC actor. Only this module is saved: a few hundred KB per policy. It lives here, with the
-    trainer, so that data_gen.py imports torch only where policies run (data_gen.Actor still finds it)."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.mean = nn.Linear(hidden, act_dim)
-        self.log_std = nn.Linear(hidden, act_dim)
-        # act()'s tensors, looked up once: nn.Module's attribute look-ups cost it a fifth of its time. The same objects
-        # as the layers' (load_state_dict and the optimizer write into them in place), so they never go stale
-        self._act_params = (self.net[0].weight, self.net[0].bias, self.net[2].weight, self.net[2].bias, self.mean.weight,
-                            self.mean.bias, self.log_std.weight, self.log_std.bias)
-
-    def forward(self, obs: torch.Tensor, deterministic: bool = False):
-        h = self.net(obs)
-        mean = self.mean(h)
-        if deterministic:
-            return torch.tanh(mean), None
-        log_std = torch.tanh(self.log_std(h))
-        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)  # CleanRL's soft clamp
-        std = log_std.exp()
-        pre_tanh = mean + std * torch.randn_like(mean)
-        action = torch.tanh(pre_tanh)
-        log_prob = (-0.5 * ((pre_tanh - mean) / std) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
-        log_prob = log_prob - torch.log(1 - action.pow(2) + 1e-6).sum(-1)
-        return action, log_prob
-
-    def act(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
-        """forward()'s action for one observation, bit for bit (the same kernels, the same noise drawn), in about half
-        the time: no log-probability and no nn.Module calls. Acting is a third of a collection step, and this pays
-        for most of the true dynamics gap that data_gen.py measures beside it."""
-        (w1, b1, w2, b2, w_mean, b_mean, w_std, b_std), x = self._act_params, torch.as_tensor(obs, dtype=torch.float32)[None]
-        h = torch.relu(F.linear(torch.relu(F.linear(x, w1, b1)), w2, b2))
-        mean = F.linear(h, w_mean, b_mean)
-        if deterministic:
-            return torch.tanh(mean)[0].numpy()
-        log_std = torch.tanh(F.linear(h, w_std, b_std))
-        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)  # as forward() computes it
-        return torch.tanh(mean + log_std.exp() * torch.randn_like(mean))[0].numpy()
+SAC_WARMUP_STEPS = 5000  # uniform-random steps before SAC's first update (a tenth of the run when that is less)
+POLICY_TRAINING_TIME = "SAC 300k steps, about 45-60 min on one core of this 2-core CPU"
+POLICY_DIR = os.path.join(ROOT, "policies")  # the committed policies, found from any working directory
 
 
-class TwinQ(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
-        super().__init__()
-        def mlp():
-            return nn.Sequential(nn.Linear(obs_dim + act_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, 1))
-        self.q1, self.q2 = mlp(), mlp()
-
-    def forward(self, obs, act):
-        x = torch.cat([obs, act], -1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+def policy_path(args, robot: str, domain: str) -> str:
+    """The file of `domain`'s behaviour policies: in --policy-dir, or the committed one."""
+    return os.path.join(POLICY_DIR if args.policy_dir is None else args.policy_dir, robot.lower(), f"{domain}.pt")
 
 
+def train_command(args, domain: str) -> str:
+    script = "data_gen.py" if os.path.abspath(os.getcwd()) == ROOT else os.path.join(ROOT, "data_gen.py")
+    cmd = f"python {script} --env-id {args.env_id} --train-domain {domain}"
+    return cmd if args.policy_dir is None else f"{cmd} --policy-dir {args.policy_dir}"
 
-def train_behaviour_policies(args: Args, robot: str, domain: str):
+
+def load_actor(args, robot: str, domain: str, quality: str) -> tuple[Optional["Actor"], dict]:
+    """The committed behaviour policy `quality` of `domain` (None for the uniform random policy)."""
+    if quality == "random":
+        return None, {}
+    path = policy_path(args, robot, domain)
+    if not os.path.exists(path):
+        raise DataGenError(f"no behaviour policy {path}; train it with: {train_command(args, domain)}  "
+                           f"({POLICY_TRAINING_TIME})")
+    import torch
+
+    from v2a_utils.sac import Actor
+    try:
+        record = torch.load(path, weights_only=False)
+        actor = Actor(record["obs_dim"], record["act_dim"])
+        actor.load_state_dict(record[quality]["state_dict"])
+    except Exception as e:
+        raise DataGenError(f"behaviour policy file {path} cannot be read ({one_line(e)}); train it again with: "
+                           f"{train_command(args, domain)}") from None
+    return actor, record[quality]
+
+
+def policy_act(actor: Optional["Actor"], obs: np.ndarray, env: gym.Env, rng: np.random.Generator,
+               deterministic: bool) -> np.ndarray:
+    """Action of a behaviour policy; `actor=None` is the uniform random policy."""
+    if actor is None:
+        return rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
+    import torch  # an actor exists, so torch is already imported: this is a dictionary look-up
+    with torch.inference_mode():
+        return actor.act(obs, deterministic)  # forward()'s action, bit for bit, in about half the time
+
+
+def evaluate_policy(env: gym.Env, actor: Optional["Actor"], episodes: int, seed: int,
+                    deterministic: bool = True) -> np.ndarray:
+    """Undiscounted returns of deterministic (mean-action) episodes, or of sampled actions as the data are collected
+    (their noise then comes from torch's global RNG: seed it first)."""
+    rng, returns = np.random.default_rng(seed), []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        done, ret = False, 0.0
+        while not done:
+            obs, r, term, trunc, _ = env.step(policy_act(actor, obs, env, rng, deterministic=deterministic))
+            ret, done = ret + float(r), term or trunc
+        returns.append(ret)
+    return np.array(returns)
+
+
+def reference_scores(args, robot: str) -> tuple[float, float]:
+    """The target's `ref_min_score` and `ref_max_score`, measured as the target dataset stores them (same seeds)."""
+    eval_env = make_domain_env(args.env_id, "nominal")
+    expert, _ = load_actor(args, robot, "nominal", "expert")
+    ref_min = evaluate_policy(eval_env, None, args.ref_min_episodes, seed=args.seed + 123).mean()
+    ref_max = evaluate_policy(eval_env, expert, args.ref_max_episodes, seed=args.seed + 456).mean()
+    return float(ref_min), float(ref_max)
+
+
+def measure(args, robot: str) -> list[dict]:
+    """`--measure-episodes N`: the return of each mixture entry's behaviour policy in its own domain, on N episodes
+    (reset seeds 20000 + seed onwards), with deterministic actions and with sampled ones (as the data are collected),
+    and its normalized score 100 (R - ref_min) / (ref_max - ref_min) against the target's reference scores."""
+    import torch
+
+    n, seed = args.measure_episodes, 20_000 + args.seed
+    for domain, quality, _ in parse_source(args.source):
+        load_actor(args, robot, domain, quality)  # every policy file first: a missing one stops before any episode
+    t0 = time.time()
+    ref_min, ref_max = reference_scores(args, robot)
+    norm = lambda r: 100 * (r - ref_min) / (ref_max - ref_min)
+    print(f"{args.env_id} target reference scores: ref_min_score {ref_min:.1f} (uniform random policy, "
+          f"{args.ref_min_episodes} episodes), ref_max_score {ref_max:.1f} (nominal expert, {args.ref_max_episodes} "
+          f"deterministic episodes)")
+    print(f"returns of each entry's behaviour policy in its own domain, {n} episodes (reset seeds {seed}-{seed + n - 1}),"
+          f" mean +- sd (normalized score)")
+    print(f"  {'domain:quality':24s} {'deterministic actions':>30s} {'sampled actions (as collected)':>32s}")
+    rows = []
+    for domain, quality, _ in dict.fromkeys(parse_source(args.source)):
+        env = make_domain_env(args.env_id, domain)
+        actor, _ = load_actor(args, robot, domain, quality)
+        det = evaluate_policy(env, actor, n, seed=seed)
+        torch.manual_seed(seed)
+        sampled = evaluate_policy(env, actor, n, seed=seed, deterministic=False)
+        rows.append(dict(domain=domain, quality=quality, deterministic=det, sampled=sampled))
+        cell = lambda r: f"{r.mean():8.1f} +- {r.std():6.1f} ({norm(r.mean()):5.1f})"
+        print(f"  {domain + ':' + quality:24s} {cell(det):>30s} {cell(sampled):>32s}", flush=True)
+    print(f"measured in {time.time() - t0:.0f} s")
+    return rows
+
+
+def train_behaviour_policies(args, robot: str, domain: str):
     """SAC in one domain; every `policy_eval_freq` steps the actor is evaluated and kept. The expert is the best
     checkpoint, the medium the checkpoint whose return is closest to 40% of the expert's (our choice of "medium"),
     both re-evaluated on 10 fresh episodes before they are saved."""
+    import torch
+    import torch.nn.functional as F
+
+    from v2a_utils.sac import Actor, TwinQ
+
     env, eval_env = make_domain_env(args.env_id, domain), make_domain_env(args.env_id, domain)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     actor, qf = Actor(obs_dim, act_dim), TwinQ(obs_dim, act_dim)

@@ -2,20 +2,21 @@
 # data_gen.py reads its parent first thing at import (parent_now, before its slower imports) and, run as a script, calls
 # tie_to_parent, so that a training script killed by SIGKILL leaves no data_gen.py behind; and what a parent does
 # when its data_gen.py failed: remove what it left (remove_stale, which data_gen.py also runs at its start) and say why
-# in one line (child_error). Standard library only: the training scripts and the shifted envs' entry point import
-# data_gen, and this with it; benchmark.py imports it without them. pid_alive also serves benchmark.py's run locks.
+# in one line (child_error). Standard library only: data_gen.py imports it before anything else, and the shifted envs'
+# entry point imports data_gen.py. pid_alive also serves benchmark.py's run locks.
 import ctypes
-import errno
 import os
 import re
 import shutil
 import signal
 import sys
 
+from v2a_utils.errors import no_space
+
 
 def parent_now() -> tuple[int, str]:
     """(pid, executable) of the parent; executable '' where it cannot be read (/proc of another user, PID 1 in a
-    container, no /proc): importing data_gen must never fail for it (the training scripts import it)."""
+    container, no /proc): importing data_gen must never fail for it (the shifted envs' entry point imports it)."""
     ppid = os.getppid()
     try:
         return ppid, os.path.realpath(f"/proc/{ppid}/exe", strict=True)
@@ -92,12 +93,6 @@ def remove_stale(root: str) -> list[str]:
         elif os.path.exists(path):
             os.remove(path)
     return stale
-
-
-def no_space(e: BaseException) -> bool:
-    """Whether `e` is a full disk: errno 28 (ENOSPC), or the text of it that h5py's and data_gen.py's own errors carry."""
-    return getattr(e, "errno", None) == errno.ENOSPC or any(s in str(e) for s in ("errno = 28", "No space left on device",
-                                                                                 "no space left on device"))
 
 
 def child_error(returncode: int, stderr: str, root: str) -> tuple[str, str]:

@@ -1,56 +1,27 @@
 # Run integrity for v2a_iql.py and v2a_td3bc.py: --resume and --reuse-stages load only what the current flags would
-# compute, and one process at a time writes into a run folder. Each stage's key (what determined its result, stored in
-# its checkpoint), the checks of a run to resume and of the checkpoints it loads, the command line that takes a resumed
-# run's own flags, the cut of its TensorBoard events, and the run folder's creation and lock. v2a_utils.py imports what
-# the scripts call (utils.cli, utils.check_resume, utils.stage_keys) back from here; fail(), the one-line error of every
-# check, lives here so that this module does not import v2a_utils.py.
+# compute, a stopped run says how to continue it, and one process at a time writes into a run folder. Each stage's key
+# (what determined its result, stored in its checkpoint), the checks of a run to resume and of the checkpoints it loads,
+# the cut of its TensorBoard events, checkpoints written whole, and the run folder's creation and lock.
 # docs: docs/v2a_iql.md ("Reading the code")
-import contextlib
 import fcntl
 import glob
 import io
 import itertools
 import json
 import os
-import re
+import shlex
 import shutil
-import subprocess
+import signal
 import sys
 import time
-from dataclasses import fields
-from typing import Optional
 
 import torch
-import tyro
 
-from data_gen import one_line
-from data_gen_parent import no_space
-
-
-def fail(msg: str):
-    """One line on stderr, no traceback, prefixed with the program's name as argparse does."""
-    raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {msg}")
+from v2a_utils.errors import fail, one_line, why
+from v2a_utils.flags import NEW_FLAG_DEFAULTS, REMOVED_FLAG_DEFAULTS, RESUME_FREE, sql_discount
 
 
-# ---- Run integrity: --resume and --reuse-stages load only what the current flags would compute ----------------------
-# flags added after runs were made: absent reads as this default
-NEW_FLAG_DEFAULTS = {"dynamics_score": "contrastive", "dataset_constraint": 0.0, "vae_steps": 10_000,
-                     "normalize_states": False, "reward_scale": "none", "awr_clip": 100.0, "actor_schedule": "cosine",
-                     "sql_gamma": None, "sql_tau": None, "oracle": "none", "critic_layernorm": False,
-                     "td_target_clip": False, "critic_grad_clip": 0.0}
-REMOVED_FLAG_DEFAULTS = {"bf16": False}  # flags since removed: checkpoints made at their default stay valid
-RESUME_FREE = ("exp_name", "track", "wandb_project_name", "wandb_entity", "generate", "log_freq", "resume",
-               "reuse_stages", "bench", "compile", "threads", "total_steps",
-               "final_eval_episodes", "filter_only")  # flags that do not change training (--total-steps may grow)
-
-
-def sql_discount(args) -> tuple[float, float]:
-    """Stage 3's discount and Polyak rate: --sql-gamma and --sql-tau, or the backbone's --gamma and --tau where unset
-    (the release uses one value of each for both)."""
-    return (args.gamma if args.sql_gamma is None else args.sql_gamma), (args.tau if args.sql_tau is None else args.sql_tau)
-
-
-# ---- Run integrity: what determined each stage's result (stored in its checkpoint, compared when loaded) -----------
+# ---- What determined each stage's result (stored in its checkpoint, compared when loaded) ---------------------------
 def stage_keys(args, records: dict, stages, script: str, constants: dict) -> dict:
     """Stage -> everything that determined its result: stored in its checkpoint, compared when it is loaded. A key
     holds those of the stages trained before it in the same run (they advance the RNG; stage 2's z feeds stage 3).
@@ -90,6 +61,7 @@ def differences(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]} {short(old)} (now {short(new)})"]
 
 
+# ---- --resume and --reuse-stages load only what the current flags would compute ----------------------------------
 def check_resume(args, script: str):
     """--resume: first the run folder's lock (nothing else may write into it from here on), then the run must be one of
     this script's, made with the same flags apart from RESUME_FREE and a larger --total-steps; it loads its stages 1-4
@@ -118,79 +90,6 @@ def check_resume(args, script: str):
     args.reuse_stages = old.get("reuse_stages")
     if args.reuse_stages and not os.path.isdir(args.reuse_stages):
         fail(f"--resume {args.resume} loads its stages 1-4 from {args.reuse_stages}, which is not a directory any more")
-
-
-def cli(args_type, description: str, argv: Optional[list] = None):
-    """The command line, as tyro.cli parses it, with two differences. A flag tyro rejects is one line, as every other
-    error of the scripts (tyro draws a box). With --resume DIR, a flag not given takes that run's value (its args.json;
-    NEW_FLAG_DEFAULTS' for a flag newer than the run), so that --resume DIR alone continues the run as it was made; a
-    flag given with another value than the run's is then refused by check_resume, as before."""
-    args = parse_flags(args_type, description, argv)
-    if args.resume and (own := run_flags(args.resume, args_type)) is not None:
-        args = parse_flags(args_type, description, argv, default=own)
-    return args
-
-
-def run_flags(run_dir: str, args_type):
-    """The flags a run was made with, as an `args_type`; None where its args.json cannot be read (check_resume says
-    why). args.json also holds what is not a flag (script, device, datasets, ...): left out. So are the flags that
-    name other runs: check_resume takes the run's --reuse-stages itself."""
-    try:
-        with open(os.path.join(run_dir, "args.json")) as fh:
-            old = json.load(fh)
-        own = {f.name: old[f.name] if f.name in old else NEW_FLAG_DEFAULTS[f.name] for f in fields(args_type)
-               if (f.name in old or f.name in NEW_FLAG_DEFAULTS) and f.name not in ("resume", "reuse_stages", "bench")}
-        return args_type(**own)
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
-
-
-def parse_flags(args_type, description: str, argv: Optional[list], **kwargs):
-    """tyro.cli, with its complaints as one fail() line (flag_error)."""
-    args, error = flag_error(args_type, argv, description=description, **kwargs)
-    if error:
-        fail(f"{error}; python {os.path.basename(sys.argv[0])} --help lists the flags")
-    return args
-
-
-def flag_error(args_type, argv: Optional[list], **kwargs) -> tuple:
-    """(args, None) from tyro.cli, or (None, what is wrong in one line): the message of tyro's error box (and the flag
-    it suggests for a misspelt one), for the command line or for an earlier value of a flag given more than once
-    (earlier_values). --help, and a box it cannot read, exit as tyro does. benchmark.py checks every run of a sweep with
-    it before it starts any."""
-    given = sys.argv[1:] if argv is None else list(argv)
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            args = tyro.cli(args_type, args=given, **kwargs)
-    except SystemExit as e:
-        rows = [r.strip("│ ") for r in re.sub(r"\x1b\[[0-9;]*m", "", err.getvalue()).splitlines() if r.startswith("│")]
-        cut = [i for i, r in enumerate(rows) if r and set(r) == {"─"}] + [len(rows)]  # the box's section rules
-        message = " ".join(r for r in rows[: cut[0]] if r)
-        if "Perhaps you meant:" in rows[cut[0]: cut[0] + 2] and len(rows) > cut[0] + 2:
-            message += f" (perhaps {rows[cut[0] + 2].split()[0]})"
-        if e.code and message:
-            return None, message.rstrip(".")
-        sys.stderr.write(err.getvalue())
-        raise
-    sys.stderr.write(err.getvalue())  # tyro's warnings, if it gave any
-    for earlier in earlier_values(args_type, given):
-        if error := flag_error(args_type, earlier)[1]:
-            return None, error
-    return args, None
-
-
-def earlier_values(args_type, argv: list) -> list[list]:
-    """Each value of a flag of `args_type` that `argv` gives before the flag's last one, as a command line of its own
-    (`--total-steps abc`). The last value counts, as argparse takes it, so that a flag can be given again to override
-    one before it; but tyro reads the last alone, and `--total-steps abc ... --total-steps 1000` would run: these are
-    parsed too."""
-    names, seen = {f.name.replace("_", "-") for f in fields(args_type)}, []
-    for i, a in enumerate(argv):
-        flag = a[2:].partition("=")[0].replace("_", "-")
-        if a.startswith("--") and flag in names:
-            seen.append((flag, argv[i: i + (1 if "=" in a or i + 1 == len(argv) or argv[i + 1].startswith("--") else 2)]))
-    return [tokens for k, (flag, tokens) in enumerate(seen) if any(f == flag for f, _ in seen[k + 1:])]
 
 
 def read_checkpoint(path: str, key: dict, dev: torch.device, hint: str) -> dict:
@@ -244,6 +143,50 @@ def cut_events(run_dir: str, keep: dict):
             write_whole(path, buf.getvalue())
 
 
+def resume_command(script: str, run_dir: str) -> str:
+    """The command that continues the run in run_dir, from the working directory it was started in."""
+    prog = sys.argv[0] if os.path.basename(sys.argv[0]) == script else script  # as typed: another folder's script too
+    return f"python {shlex.quote(prog)} --resume {shlex.quote(run_dir)}"
+
+
+def stop_with_resume_command(command: str):
+    """From here on, Ctrl-C and SIGTERM (a scheduler's, kill's: by default a silent exit 143) raise a KeyboardInterrupt
+    that carries the command continuing the run; the scripts' __main__ prints it as their one-line error. Every
+    checkpoint written so far is intact (atomic saves)."""
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(f"{signal.Signals(signum).name}: stopped; continue the run with {command} (stage 5 "
+                                f"restarts from its last evaluation, an unfinished earlier stage from its beginning)")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # a background job's ignored Ctrl-C stays ignored
+            signal.signal(sig, stop)
+
+
+# ---- Checkpoints and files, written whole ---------------------------------------------------------------------------
+def save(obj: dict, path: str):
+    """A checkpoint, replaced whole or not at all (write_whole: an interrupted save leaves the previous one intact).
+    Serialised in memory first: torch.save into a full disk reports only 'unexpected pos ...', a file's write ENOSPC."""
+    try:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        write_whole(path, buf.getbuffer())
+    except (OSError, RuntimeError) as e:  # torch.save reports a file it cannot write as a RuntimeError
+        fail(f"cannot write {path} ({why(e)}); the checkpoints written before are intact: make room or make "
+             f"{os.path.dirname(path) or '.'} writable, then continue the run with --resume {os.path.dirname(path)}")
+
+
+def write_whole(path: str, data):
+    """Writes `data` (str or bytes) to path + '.tmp', then renames it onto `path`: a file is replaced whole or not at
+    all. A failed write (a full disk) removes the .tmp, which would otherwise hold the space it took, and raises."""
+    try:
+        with open(path + ".tmp", "w" if isinstance(data, str) else "wb") as fh:
+            fh.write(data)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
+
+
 # ---- One writer per run folder ------------------------------------------------------------------------------------
 RUN_LOCK = ".v2a-run.lock"  # in the run folder; it holds the pid of the process that holds (or last held) the lock
 HELD: list = []  # the descriptor of this process's run lock, open until the process ends
@@ -295,35 +238,3 @@ def new_run_folder(path: str) -> str:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         return folder
-
-
-def write_whole(path: str, data):
-    """Writes `data` (str or bytes) to path + '.tmp', then renames it onto `path`: a file is replaced whole or not at
-    all. A failed write (a full disk) removes the .tmp, which would otherwise hold the space it took, and raises."""
-    try:
-        with open(path + ".tmp", "w" if isinstance(data, str) else "wb") as fh:
-            fh.write(data)
-        os.replace(path + ".tmp", path)
-    except OSError:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise
-
-
-def why(e: BaseException) -> str:
-    """A failed write's reason for a one-line error: 'no space left on device' for a full disk, which h5py and torch
-    report in other words (torch.save: 'unexpected pos'), else the error itself."""
-    return "no space left on device" if no_space(e) else one_line(e)
-
-
-def code_version(folder: str) -> Optional[str]:
-    """The git commit of the training scripts' folder, "+modified" if tracked code differs from it (None: not a git
-    work tree): recorded with every attempt, so that each exported number names the code that made it. The exports
-    (results/), the pages (docs/) and other Markdown are not code: a running sweep rewrites them."""
-    not_code = [":(exclude)results", ":(exclude)docs", ":(exclude)*.md"]
-    try:
-        git = lambda *a: subprocess.run(["git", "-C", folder, *a], capture_output=True, text=True, check=True).stdout
-        changed = git("status", "--porcelain", "-uno", "--", ".", *not_code).strip()
-        return git("rev-parse", "HEAD").strip() + ("+modified" if changed else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
