@@ -27,10 +27,10 @@ from v2a_utils.processes import datasets_root, parent_now, probe_path, remove_st
 # it was then (one killed meanwhile is gone from /proc, and this process has a new parent).
 PARENT_AT_START = parent_now()
 
-# Only what the shifted environments need is imported here: `recover_environment()` of a stored dataset imports this
-# module (the entry point data_gen:make_shifted_env, re-exported below), and must work with gymnasium and mujoco alone.
-# torch, tyro and minari are imported where data are collected or policies run (docs/data_gen.md, "Using the datasets
-# outside").
+# Nothing imported here needs more than gymnasium, mujoco and numpy: `recover_environment()` of a stored dataset imports
+# this module (the entry point data_gen:make_shifted_env, re-exported below), and must work with those alone. torch,
+# tyro and minari are imported where data are collected, policies run or flags are parsed (docs/data_gen.md, "Using the
+# datasets outside").
 import gymnasium as gym  # noqa: E402
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
