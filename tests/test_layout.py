@@ -1,4 +1,4 @@
-"""The repository's layout (README, "Files"): the four scripts at the top, their support in the package v2a_utils/,
+"""The repository's layout (the README's file tables): the four scripts at the top, their support in the package v2a_utils/,
 which imports no script, and no import circle among the project's modules. Read from the import statements alone
 (those inside functions too), so that nothing is run."""
 import ast

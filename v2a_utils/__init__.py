@@ -1,5 +1,5 @@
 # What the four scripts (v2a_iql.py, v2a_td3bc.py, data_gen.py, benchmark.py) share, one module per concern, none of
-# which imports a script (README, "Files"). The training scripts call it as `utils.<name>`; SCRIPT_NAMES says which
+# which imports a script (the README's tables). The training scripts call it as `utils.<name>`; SCRIPT_NAMES says which
 # module holds each such name, so that a reader of a script finds it.
 import importlib
 
