@@ -544,3 +544,18 @@ def test_values_axis_clips_a_diverging_curve():
     report.clip_to_central(ax2 := fig.add_subplot(), [("v2a", steady), ("igdf", steady + 5)])
     assert "clipped" not in ax2.get_title()
     plt.close(fig)
+
+
+def test_report_lists_the_datasets_fingerprints(tmp_path):
+    """filter-truth: every page lists the datasets its runs trained on by fingerprint, with the machine that made them."""
+    res = tmp_path / "results" / "fx"
+    for seed, fp in ((1, "aaaa0000bbbb1111"), (2, None)):
+        fake_export(res, "target", seed, 50.0)
+        args_path = res / f"v2a_iql__target__s{seed}" / "args.json"
+        args = json.load(open(args_path))
+        args["datasets"] = {"v2a/hopper-v4/target/medium-5k-v0": dict(fingerprint=fp, machine=fp and {"cpu": "AMD EPYC"})}
+        json.dump(args, open(args_path, "w"))
+    report.report(report_cfg(tmp_path))
+    md = open(tmp_path / "docs" / "results" / "fx.md").read()
+    assert "| `v2a/hopper-v4/target/medium-5k-v0` | `aaaa0000bbbb1111` | AMD EPYC | 1 |" in md
+    assert "| `v2a/hopper-v4/target/medium-5k-v0` | `not recorded` | machine not recorded | 1 |" in md

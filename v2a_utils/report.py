@@ -613,6 +613,26 @@ def concurrency(attempts: list[dict]) -> int:
     return max(itertools.accumulate(d for _, d in events), default=0)
 
 
+def dataset_lines(runs: list[dict]) -> list[str]:
+    """The datasets the runs trained on, by the content fingerprint each run recorded (args.json "datasets"), with the
+    machine that made them and the runs that used them: generation is not bit-portable across CPUs, so a number is
+    tied to the arrays it came from (docs/data_gen.md)."""
+    seen: dict = {}
+    for r in runs:
+        for ds_id, rec in (r["args"].get("datasets") or {}).items():
+            cpu = ((rec or {}).get("machine") or {}).get("cpu") or "machine not recorded"
+            key = (ds_id, (rec or {}).get("fingerprint") or "not recorded", cpu)
+            seen.setdefault(key, []).append(r)
+    if not seen:
+        return []
+    L = ["Datasets (the fingerprint of their arrays that each run recorded; \"not recorded\": made or used before "
+         "datasets carried one; the runs that used each):", "",
+         "| dataset | fingerprint | made on | runs |", "|---|---|---|---|"]
+    for (ds_id, fp, cpu), rr in sorted(seen.items()):
+        L.append(f"| `{ds_id}` | `{fp}` | {cpu} | {len(rr)} |")
+    return L + [""]
+
+
 def setup_lines(runs: list[dict]) -> list[str]:
     """Commands, budgets and backbones, machines, code and wall time, from the exported records."""
     L = ["## Setup", "", "Commands (as launched, the machine's paths elided; re-launching one continues its sweep):", "",
@@ -635,6 +655,7 @@ def setup_lines(runs: list[dict]) -> list[str]:
     machines = [f"{h} ({cpu}, {cores} cores; up to {concurrency(aa)} of this sweep's runs at a time)"
                 for (h, cpu, cores), aa in sorted(hosts.items())]
     L += ["Machines: " + ("; ".join(machines) or "–") + ". One CPU thread per run (OMP_NUM_THREADS=1).", ""]
+    L += dataset_lines(runs)
     codes: dict = {}
     for r in runs:
         for a in r["rec"].get("attempts", []):
