@@ -731,5 +731,5 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop: as Ctrl-C, not a silent exit 143
     try:
         main(utils.cli(Args, DESCRIPTION))
-    except KeyboardInterrupt as e:  # one line, no traceback; once the run folder exists, it names the resume command
-        fail(str(e) or "interrupted before the run folder was made: nothing to continue; run the same command again")
+    except (KeyboardInterrupt, OSError) as e:  # a stop or a full disk: one line, naming the command that continues the run
+        utils.exit_in_one_line(e)

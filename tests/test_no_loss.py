@@ -196,6 +196,39 @@ def test_a_full_disk_at_a_checkpoint_and_at_results_is_one_line(tiny_data, small
     assert json.load(open(os.path.join(run_dir, "results.json")))["final_eval"]["step"] == 100
 
 
+FILL_AFTER_ARGS_JSON = """
+import os, runpy, sys
+import v2a_utils.training as training
+from test_no_loss import fill
+whole = training.write_whole
+def write_then_fill(path, data):
+    whole(path, data)
+    if path.endswith("args.json"):
+        fill(os.getcwd())
+training.write_whole = write_then_fill
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["v2a_iql", "v2a_td3bc"])
+def test_a_full_disk_under_the_event_files_is_one_line(tiny_data, small_disk, script):
+    """The disk fills right after args.json, so that TensorBoard's event writer (a thread of its own) meets it before
+    any checkpoint: one line that names the command continuing the run, no traceback from either thread."""
+    disk = small_disk("32m")
+    argv = [*tiny_data["base_args"], "--variant", "target", "--no-compile", "--total-steps", "1000", "--eval-freq", "1000",
+            "--log-freq", "10", "--eval-episodes", "1", "--final-eval-episodes", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=f"{ROOT}:{ROOT}/tests")
+    proc = subprocess.run([sys.executable, "-c", FILL_AFTER_ARGS_JSON, os.path.join(ROOT, f"{script}.py"), *argv],
+                          cwd=disk, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    (run_dir,) = glob.glob(str(disk / "runs" / "*"))
+    rel = os.path.relpath(run_dir, disk)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"{script}.py: error: no space left on device while writing {rel} (its TensorBoard "
+                                  f"event files); the checkpoints written before are intact: make room, then continue "
+                                  f"the run with python {ROOT}/{script}.py --resume {rel}"), proc.stderr
+
+
 def test_a_full_disk_at_the_start_leaves_no_run_folder(tiny_data, small_disk):
     """A disk full before the run writes anything: one line, and no half-made run folder that could not be resumed."""
     disk = small_disk("1m")

@@ -8,7 +8,7 @@ SCRIPT_NAMES = {  # module -> the names that v2a_iql.py and v2a_td3bc.py call as
     "shifts": ("SUPPORTED_ENV_IDS",),
     "flags": ("cli", "validate_args", "sql_discount"),
     "data": ("load_data", "stage5_data", "data_level", "normalized_observation", "split"),
-    "runs": ("check_resume", "stage_keys"),
+    "runs": ("check_resume", "stage_keys", "exit_in_one_line"),
     "training": ("Run", "start_run", "Learner", "train_policy", "finish_filter_only", "has_source_rows", "value_tags",
                  "batch_value_means"),
     "update": ("optimize", "compiled", "params", "grad_and_value", "adam_step_", "init_adam_state", "cosine_lr",

@@ -13,11 +13,12 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 
 import torch
 
-from v2a_utils.errors import fail, one_line, why
+from v2a_utils.errors import fail, no_space, one_line, why
 from v2a_utils.flags import NEW_FLAG_DEFAULTS, REMOVED_FLAG_DEFAULTS, RESUME_FREE, sql_discount
 
 
@@ -149,16 +150,39 @@ def resume_command(script: str, run_dir: str) -> str:
     return f"python {shlex.quote(prog)} --resume {shlex.quote(run_dir)}"
 
 
-def stop_with_resume_command(command: str):
+RESUME = {"command": None, "dir": None}  # the running run's folder and the command that continues it, once it has one
+
+
+def stop_with_resume_command(command: str, run_dir: str):
     """From here on, Ctrl-C and SIGTERM (a scheduler's, kill's: by default a silent exit 143) raise a KeyboardInterrupt
     that carries the command continuing the run; the scripts' __main__ prints it as their one-line error. Every
-    checkpoint written so far is intact (atomic saves)."""
+    checkpoint written so far is intact (atomic saves). A full disk under TensorBoard's event writer becomes one line
+    too (exit_in_one_line)."""
     def stop(signum, _frame):
         raise KeyboardInterrupt(f"{signal.Signals(signum).name}: stopped; continue the run with {command} (stage 5 "
                                 f"restarts from its last evaluation, an unfinished earlier stage from its beginning)")
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # a background job's ignored Ctrl-C stays ignored
             signal.signal(sig, stop)
+    RESUME.update(command=command, dir=run_dir)
+    # TensorBoard writes the event files from a thread of its own: a full disk there would print that thread's
+    # traceback, and the main thread's next add_scalar raises the same error, which __main__ turns into one line
+    default_hook = threading.excepthook
+    threading.excepthook = lambda a: None if no_space(a.exc_value) else default_hook(a)
+
+
+def exit_in_one_line(e: BaseException):
+    """The training scripts' __main__: a stop (Ctrl-C, SIGTERM) or a full disk that no write of ours caught (in practice
+    TensorBoard's event files; checkpoints, results.json and the run folder's first files say it themselves) ends the
+    run in one line, without a traceback, naming the command that continues it; anything else is raised again."""
+    if isinstance(e, KeyboardInterrupt):
+        fail(str(e) or "interrupted before the run folder was made: nothing to continue; run the same command again")
+    if no_space(e) and RESUME["dir"] is None:
+        fail("no space left on device, before the run folder was made: make room and run the same command again")
+    if no_space(e):
+        fail(f"no space left on device while writing {RESUME['dir']} (its TensorBoard event files); the checkpoints "
+             f"written before are intact: make room, then continue the run with {RESUME['command']}")
+    raise e
 
 
 # ---- Checkpoints and files, written whole ---------------------------------------------------------------------------

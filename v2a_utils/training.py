@@ -129,7 +129,7 @@ def start_run(args, script: str, d: dict, dev: torch.device, stages: tuple, keys
         print(f"run folder: {run_dir}; if it stops, continue it with: {command}", flush=True)
         speed = machine_speed(dev) if dev.type == "cpu" else 1.0  # a GPU's stages scale unevenly: they print their ETAs
         print(estimate(args, script, stages, loaded, dev, crop_steps, speed), flush=True)
-        stop_with_resume_command(command)
+        stop_with_resume_command(command, run_dir)
     return Run(args, d, dev, run_dir, writer, keys, loaded, stages, row, mm_rate)
 
 
