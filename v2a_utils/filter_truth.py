@@ -171,7 +171,7 @@ def summary_line(acc: dict) -> str:
 
 
 # ---- The report's section ---------------------------------------------------------------------------------------------
-HEADLINE = (("dyn_spearman", "Spearman(h, −gap)"), ("dyn_domain_order", "domains ordered by gap"),
+HEADLINE = (("dyn_spearman", "Spearman(h, −gap)"), ("dyn_domain_order", "domains ordered by mean gap"),
             ("value_misassign_within", "A misordered, same domain"), ("value_misassign_cross", "A misordered, across domains"),
             ("kept/filter/gap_mean", "kept: mean gap"), ("kept/oracle_h/gap_mean", "oracle h kept: mean gap"),
             ("kept/filter/gap_zero_share", "kept: gap 0"), ("kept/oracle_h/gap_zero_share", "oracle h kept: gap 0"))
