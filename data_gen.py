@@ -445,8 +445,8 @@ def generate(args: Args, robot: str):
                               observation_space=float32_box(env.observation_space),
                               action_space=float32_box(env.action_space))
                 policy = ("a uniform random policy" if actor is None else f"the {quality} SAC policy of that domain"
-                          if not entry.foreign else f"the {quality} SAC policy of the {entry.policy} domain acting in "
-                          f"{domain} (a stand-in for {domain}'s own policy: not {domain}'s {quality} behaviour)")
+                          if not entry.foreign else f"the {quality} SAC policy of the {entry.policy} domain, a stand-in "
+                          f"for {domain}'s own: not {domain}'s {quality} behaviour")
                 if domain == "nominal":
                     ref_min, ref_max = reference_scores(args, robot)
                     kwargs.update(ref_min_score=ref_min, ref_max_score=ref_max, description=(
@@ -456,7 +456,8 @@ def generate(args: Args, robot: str):
                         f"Seed {args.seed}."))
                 else:
                     kwargs["description"] = (
-                        f"V2A source component {domain}:{quality} ({n} transitions, {policy}) of the mixture "
+                        f"V2A source component {entry_label(domain, quality, 1.0, entry.policy)} ({n} transitions, "
+                        f"{policy}) of the mixture "
                         f"'{args.source}' for target {args.env_id}; shift '{domain}' applied by "
                         f"data_gen:make_shifted_env. recover_environment() imports the module data_gen of the v2a "
                         f"repository: install it once with `pip install -r requirements.txt` (or `pip install -e .`) "
