@@ -36,25 +36,26 @@ import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
 from v2a_utils.behaviour import (  # noqa: E402
-    POLICY_TRAINING_TIME,
     SAC_WARMUP_STEPS,
+    check_policies,
     load_actor,
     measure,
     policy_act,
     policy_path,
     reference_scores,
     train_behaviour_policies,
-    train_command,
 )
 from v2a_utils.data_truth import GAP_KEY, GapProbe, gap_report, provenance_metadata  # noqa: E402
 from v2a_utils.errors import DataGenError, no_space, one_line  # noqa: E402
 from v2a_utils.mixtures import (  # noqa: E402
     MAX_DATASET_TRANSITIONS,
+    Entry,
     dataset_ids,
     entry_label,
     entry_sizes,
     min_source_size,
     parse_source,
+    policy_fields,
     resolve_source,
 )
 from v2a_utils.shifts import ROBOTS, check_domain, domain_names, make_domain_env, robot_of  # noqa: E402
@@ -79,8 +80,10 @@ class Args:
     env_id: str = "Hopper-v4"
     """the nominal (target) environment: Hopper, Walker2d, HalfCheetah or Ant, version v4 or v5"""
     source: Optional[str] = None
-    """comma-separated `domain:quality[:weight]`, quality random|medium|expert, weight finite > 0; or a named mixture
-    (`crossed`: Hopper's two domains x two qualities, NAMED_SOURCES); None: the robot's default"""
+    """comma-separated `domain:quality[@policy_domain][:weight]`, quality random|medium|expert, weight finite > 0;
+    `@policy_domain` collects the entry with that domain's policy instead of its own (e.g. friction-0.5:expert@nominal:
+    the nominal expert acting in friction-0.5, a stand-in where the domain has no policy: not an expert there); or a
+    named mixture (`crossed`: Hopper's two domains x two qualities, NAMED_SOURCES); None: the robot's default"""
     source_size: int = 1_000_000
     """total transitions of the source mixture, split across entries by weight"""
     target_size: int = 100_000
@@ -155,6 +158,15 @@ def check_size(robot: str, what: str, n: int):
             f"times that for a random policy's short episodes)")
 
 
+def check_policy_domain(robot: str, entry: Entry):
+    """The domain named after `@`: nominal or a shift of the robot (whether its policy file exists, plan() checks)."""
+    try:
+        check_domain(robot, entry.policy)
+    except DataGenError:
+        raise DataGenError(f"source entry '{entry_label(*entry)}': unknown policy domain {entry.policy!r} after '@' for "
+                           f"{robot}; known: {', '.join(domain_names(robot))}") from None
+
+
 def validate_args(args: Args, robot: str):
     """All argument checks, before any work (no file is read or written here)."""
     if not 0 <= args.seed < 2 ** 31:
@@ -178,11 +190,12 @@ def validate_args(args: Args, robot: str):
     if args.train_domain is not None:
         check_domain(robot, args.train_domain)
     entries = parse_source(args.source)
-    for domain, _, _ in entries:
-        if domain == "nominal":
+    for entry in entries:
+        if entry.domain == "nominal":
             raise DataGenError("the source mixture must contain shifted domains only (nominal is the target)")
-        check_domain(robot, domain)
-    if not math.isfinite(sum(w for _, _, w in entries)):
+        check_domain(robot, entry.domain)
+        check_policy_domain(robot, entry)
+    if not math.isfinite(sum(e.weight for e in entries)):
         raise DataGenError(f"--source {args.source!r}: the weights sum to infinity; use smaller weights")
     if args.target_size < 1:
         raise DataGenError(f"--target-size {args.target_size}: the target dataset would get no transition; "
@@ -194,7 +207,7 @@ def validate_args(args: Args, robot: str):
         if n < 1:
             raise DataGenError(
                 f"--source-size {args.source_size}: source entry '{entry_label(*entry)}' would get no transition "
-                f"(int({args.source_size} * {entry[2]:g} / {sum(w for _, _, w in entries):g}) = {n}); the minimum "
+                f"(int({args.source_size} * {entry.weight:g} / {sum(e.weight for e in entries):g}) = {n}); the minimum "
                 f"--source-size for this mixture is {min_source_size(entries)}")
         check_size(robot, f"--source-size {args.source_size}: source entry '{entry_label(*entry)}'", n)
     check_size(robot, f"--target-size {args.target_size}: the target dataset", args.target_size)
@@ -349,15 +362,26 @@ def episode_summary(ds) -> str:
             f"return {np.mean(returns):8.1f} +- {np.std(returns):7.1f}")
 
 
-def plan(args: Args, robot: str, jobs: list, generation) -> list:
-    """The jobs still to collect. Checks, reading only: an existing dataset must load and have been made with the
-    same arguments (unless --overwrite); every behaviour policy a job needs must exist (all missing ones are
-    listed in one line) and load."""
+TARGET = Entry("nominal", "medium", 1.0, "nominal")  # the target dataset, as a job: the nominal medium policy's data
+
+
+def generation_record(args: Args, entry: Entry, n: int) -> dict:
+    """What makes a dataset (its `v2a_generation`): re-running with the same values reuses it. An entry collected by
+    another domain's policy adds `policy_domain`; without `@` the record is byte for byte what it always was, so the
+    datasets made before are reused and the checkpoints keyed on their records stay valid."""
+    return {"env_id": args.env_id, "domain": entry.domain, "quality": entry.quality, "transitions": n,
+            "seed": args.seed, "mixture": args.source if entry.domain != "nominal" else None, **policy_fields(entry)}
+
+
+def plan(args: Args, robot: str, jobs: list) -> list:
+    """The jobs (dataset id, Entry, transitions) still to collect. Checks, reading only: an existing dataset must load
+    and have been made with the same arguments (unless --overwrite); every behaviour policy a job needs must exist (all
+    missing ones are listed in one line) and load."""
     import minari
 
     todo, needed = [], []
     for job in jobs:
-        dataset_id, domain, quality, n = job
+        dataset_id, entry, n = job
         path = os.path.join(datasets_root(), dataset_id)
         if os.path.exists(path) and not args.overwrite:
             try:
@@ -369,25 +393,15 @@ def plan(args: Args, robot: str, jobs: list, generation) -> list:
             except Exception as e:
                 raise DataGenError(f"dataset {dataset_id} at {path} cannot be loaded ({one_line(e)}): it is corrupt "
                                    f"or partial; pass --overwrite to regenerate it") from None
-            if stored is None or json.loads(stored) != generation(domain, quality, n):
+            if stored is None or json.loads(stored) != generation_record(args, entry, n):
                 raise DataGenError(f"dataset {dataset_id} exists but was made with other arguments ({stored}); "
                                    f"pass --overwrite to replace it")
             continue
         todo.append(job)
-        needed += [(domain, quality)] + ([("nominal", "expert")] if domain == "nominal" else [])
-    missing = []
-    for domain, quality in dict.fromkeys(needed):
-        path = policy_path(args, robot, domain)
-        if quality != "random" and not os.path.exists(path):
-            if path not in [p for p, _ in missing]:
-                missing.append((path, domain))
-        else:
-            load_actor(args, robot, domain, quality)
-    if missing:
-        raise DataGenError("missing behaviour policies: " + "; ".join(f"{p} (train it: {train_command(args, d)})"
-                                                                     for p, d in missing)
-                           + f"; each takes {POLICY_TRAINING_TIME}, and resumes from its last evaluation if "
-                             f"stopped")
+        is_target = entry.domain == "nominal"  # the target also needs the nominal expert: the reference scores
+        needed += [(entry.policy, entry.quality, None if is_target else entry)]
+        needed += [("nominal", "expert", None)] if is_target else []
+    check_policies(args, robot, needed)
     return todo
 
 
@@ -398,42 +412,41 @@ def generate(args: Args, robot: str):
     source_ids, target_id = dataset_ids(args.env_id, args.source, args.source_size, args.target_size)
     common = dict(algorithm_name="SAC behaviour policies (data_gen.py)", author="v2a",
                   code_permalink="data_gen.py", requirements=[f"mujoco=={mujoco.__version__}"])
-    jobs = [(target_id, "nominal", "medium", args.target_size)] + [
-        (i, d, q, n) for i, (d, q, _), n in zip(source_ids, entries, entry_sizes(entries, args.source_size))]
-
-    def generation(domain, quality, n):  # what makes a dataset: re-running with the same values reuses it
-        return {"env_id": args.env_id, "domain": domain, "quality": quality, "transitions": n, "seed": args.seed,
-                "mixture": args.source if domain != "nominal" else None}
-
-    plan(args, robot, jobs, generation)  # check everything before the first write
+    jobs = [(target_id, TARGET, args.target_size),
+            *zip(source_ids, entries, entry_sizes(entries, args.source_size))]
+    plan(args, robot, jobs)  # check everything before the first write
     root = datasets_root()
     for path in remove_stale(root):  # before the checks: on a full disk, what a dead run left keeps it full
         print(f"removed {path}, left by a data_gen.py that is gone")
     check_writable(root)
     start = time.time()
     with generation_lock(root):
-        todo = plan(args, robot, jobs, generation)  # again: another writer may have made some while we waited
+        todo = plan(args, robot, jobs)  # again: another writer may have made some while we waited
         staging = staging_dir(root, os.getpid())
         check_space(root, sum(disk_bytes(robot, n) for *_, n in todo), root,
                     f"the {len(todo)} datasets to write (a lower bound)")
         try:
             os.makedirs(staging)
             for k, job in enumerate(jobs):
-                dataset_id, domain, quality, n = job
+                dataset_id, entry, n = job
+                domain, quality = entry.domain, entry.quality
                 if job not in todo:
                     print(f"[{k + 1}/{len(jobs)}] reusing {dataset_id} (pass --overwrite to regenerate)")
                     continue
-                print(f"[{k + 1}/{len(jobs)}] collecting {dataset_id} ({domain}:{quality}, {n} transitions)",
-                      flush=True)
+                print(f"[{k + 1}/{len(jobs)}] collecting {dataset_id} ({entry_label(domain, quality, 1.0, entry.policy)}, "
+                      f"{n} transitions)", flush=True)
                 env, t0 = make_domain_env(args.env_id, domain), time.time()
-                actor, info = load_actor(args, robot, domain, quality)
+                actor, info = load_actor(args, robot, entry.policy, quality)  # the policy's domain: its own, or @'s
+                # the dynamics are the entry's domain's whichever policy acts: the true gap is measured from them
                 probe = GapProbe(env, make_domain_env(args.env_id, "nominal"), same_dynamics=domain == "nominal")
-                buffers = collect(env, actor, n, seed=args.seed + 1_000_000 * k,
-                                  options={"domain": domain, "quality": quality}, probe=probe)
+                buffers = collect(env, actor, n, seed=args.seed + 1_000_000 * k, probe=probe,
+                                  options={"domain": domain, "quality": quality, **policy_fields(entry)})
                 kwargs = dict(common, buffer=buffers, env=env, eval_env=env.spec,
                               observation_space=float32_box(env.observation_space),
                               action_space=float32_box(env.action_space))
-                policy = f"the {quality} SAC policy of that domain" if actor is not None else "a uniform random policy"
+                policy = ("a uniform random policy" if actor is None else f"the {quality} SAC policy of that domain"
+                          if not entry.foreign else f"the {quality} SAC policy of the {entry.policy} domain, a stand-in "
+                          f"for {domain}'s own: not {domain}'s {quality} behaviour")
                 if domain == "nominal":
                     ref_min, ref_max = reference_scores(args, robot)
                     kwargs.update(ref_min_score=ref_min, ref_max_score=ref_max, description=(
@@ -443,14 +456,16 @@ def generate(args: Args, robot: str):
                         f"Seed {args.seed}."))
                 else:
                     kwargs["description"] = (
-                        f"V2A source component {domain}:{quality} ({n} transitions, {policy}) of the mixture "
+                        f"V2A source component {entry_label(domain, quality, 1.0, entry.policy)} ({n} transitions, "
+                        f"{policy}) of the mixture "
                         f"'{args.source}' for target {args.env_id}; shift '{domain}' applied by "
                         f"data_gen:make_shifted_env. recover_environment() imports the module data_gen of the v2a "
                         f"repository: install it once with `pip install -r requirements.txt` (or `pip install -e .`) "
-                        f"in the repository. Episode metadata: options.domain, options.quality. Seed {args.seed}.")
+                        f"in the repository. Episode metadata: options.domain, options.quality"
+                        f"{', options.policy_domain' if entry.foreign else ''}. Seed {args.seed}.")
                 check_space(staging, dataset_bytes(buffers), root, f"{dataset_id} ({len(buffers)} episodes)")
                 try:
-                    write_dataset(dataset_id, staging, generation(domain, quality, n), **kwargs)
+                    write_dataset(dataset_id, staging, generation_record(args, entry, n), **kwargs)
                 except Exception as e:  # the disk filled meanwhile (another writer): one line, and the staging goes
                     if not no_space(e):
                         raise
@@ -460,14 +475,15 @@ def generate(args: Args, robot: str):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     print(f"\nDatasets for {args.env_id} (MINARI_DATASETS_PATH={root}):")
-    for dataset_id, domain, quality, _ in jobs:
+    for dataset_id, entry, _ in jobs:
         ds = minari.load_dataset(dataset_id)
-        print(f"  {dataset_id}\n      {domain:>16s}:{quality:<7s} {episode_summary(ds)}")
+        quality = entry.quality + (f"@{entry.policy}" if entry.foreign else "")
+        print(f"  {dataset_id}\n      {entry.domain:>16s}:{quality:<7s} {episode_summary(ds)}")
     target = minari.load_dataset(target_id)
     print(f"  target ref_min_score {target.storage.metadata['ref_min_score']:.1f}  "
           f"ref_max_score {target.storage.metadata['ref_max_score']:.1f}")
     if args.gap_figure is not None:
-        gap_report([(i, f"{d}:{q}") for i, d, q, _ in jobs[1:]], args.gap_figure,
+        gap_report([(i, entry_label(e.domain, e.quality, 1.0, e.policy)) for i, e, _ in jobs[1:]], args.gap_figure,
                    title=f"{args.env_id}: source datasets of {args.source_size:,} transitions, seed {args.seed}")
 
 

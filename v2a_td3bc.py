@@ -54,7 +54,8 @@ class Args:
     env_id: str = "Hopper-v4"
     """the nominal (target) environment; selects the Minari datasets `v2a/<env-id>/...`"""
     source: Optional[str] = None
-    """the source mixture, `domain:quality[:weight]` entries (same grammar as data_gen.py), or a named mixture
+    """the source mixture, `domain:quality[@policy_domain][:weight]` entries (same grammar as data_gen.py; `@`: collected
+    by that domain's behaviour policy), or a named mixture
     (`crossed`: Hopper's two domains x two qualities, v2a_utils/mixtures.py's NAMED_SOURCES); None: the robot's default
     (Hopper: torso-hard:random,gravity-0.5:expert,legjnt-hard:medium; see v2a_utils/mixtures.py's DEFAULT_SOURCES)"""
     source_size: int = 1_000_000

@@ -83,9 +83,10 @@ def test_joint_range_scaling():
 
 
 def test_parse_source():
-    assert dg.parse_source("torso-hard:random, gravity-0.5:medium:2") == [("torso-hard", "random", 1.0),
-                                                                          ("gravity-0.5", "medium", 2.0)]
-    assert dg.parse_source("a:expert:1e3,b:random:0.5") == [("a", "expert", 1000.0), ("b", "random", 0.5)]
+    # without `@`, each entry is collected by its own domain's policy
+    assert dg.parse_source("torso-hard:random, gravity-0.5:medium:2") == [("torso-hard", "random", 1.0, "torso-hard"),
+                                                                          ("gravity-0.5", "medium", 2.0, "gravity-0.5")]
+    assert dg.parse_source("a:expert:1e3,b:random:0.5") == [("a", "expert", 1000.0, "a"), ("b", "random", 0.5, "b")]
     for bad in ["torso-hard", "torso-hard:good", "a:random:-1", "a:random:0", "a:random:x", "a:random:inf",
                 "a:random:nan", "a:random:-inf", "a:random:1:2"]:
         with pytest.raises(dg.DataGenError, match="^malformed source entry"):
@@ -111,9 +112,10 @@ def test_default_source_per_robot(env_id):
     robot = dg.robot_of(env_id)
     assert mixtures.default_source(env_id) == mixtures.DEFAULT_SOURCES[robot]
     entries = dg.parse_source(mixtures.default_source(env_id))
-    assert sorted(q for _, q, _ in entries) == ["expert", "medium", "random"]
-    for domain, _, _ in entries:
-        dg.check_domain(robot, domain)
+    assert sorted(e.quality for e in entries) == ["expert", "medium", "random"]
+    for entry in entries:
+        dg.check_domain(robot, entry.domain)
+        assert entry.policy == entry.domain  # each collected by its own domain's policy
     assert dg.Args().source is None  # resolved per robot in main()
 
 
@@ -137,10 +139,10 @@ def test_crossed_structure(robot, name):
     """Domain and behaviour quality crossed, not confounded: two or more domains with two or more qualities each, a
     quality in two or more domains; every policy it needs is committed."""
     entries = dg.parse_source(mixtures.NAMED_SOURCES[robot][name])
-    qualities = {d: {q for dd, q, _ in entries if dd == d} for d, _, _ in entries}
+    qualities = {e.domain: {x.quality for x in entries if x.domain == e.domain} for e in entries}
     assert sum(len(q) >= 2 for q in qualities.values()) >= 2
     assert any(sum(q in qs for qs in qualities.values()) >= 2 for q in mixtures.QUALITIES)
-    for domain, quality, _ in entries:
+    for domain, quality, _, _ in entries:
         dg.check_domain(robot, domain)
         assert quality == "random" or os.path.exists(os.path.join(ROOT, "policies", robot.lower(), f"{domain}.pt"))
     validate(env_id=f"{robot}-v4", source=name, source_size=1_000_000, target_size=5000)
@@ -216,7 +218,7 @@ def test_datasets(tiny_data):
     source_ids, target_id = dg.dataset_ids(tiny_data["env_id"], tiny_data["source"], tiny_data["source_size"],
                                            tiny_data["target_size"])
     entries = dg.parse_source(tiny_data["source"])
-    for dataset_id, (domain, quality, _) in zip(source_ids + [target_id], entries + [("nominal", "medium", 1)]):
+    for dataset_id, (domain, quality, *_) in zip(source_ids + [target_id], entries + [("nominal", "medium", 1)]):
         ds = minari.load_dataset(dataset_id)
         assert ds.total_steps == (tiny_data["target_size"] if domain == "nominal" else tiny_data["source_size"] // 3)
         meta = ds.storage.get_episode_metadata(range(ds.total_episodes))

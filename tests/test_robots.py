@@ -39,7 +39,7 @@ def test_every_robot_has_its_default_mixtures_policies():
     """The four robots of the paper: every domain that a default mixture collects with a policy, and the nominal one
     (target data, reference scores), has a committed policy file."""
     for robot in dg.ROBOTS:
-        needed = {"nominal"} | {d for d, q, _ in dg.parse_source(mixtures.DEFAULT_SOURCES[robot]) if q != "random"}
+        needed = {"nominal"} | {d for d, q, *_ in dg.parse_source(mixtures.DEFAULT_SOURCES[robot]) if q != "random"}
         assert needed <= set(COMMITTED[robot]), (robot, needed - set(COMMITTED[robot]))
 
 
@@ -56,7 +56,7 @@ def test_committed_policies_collect_and_train(robot, tmp_path, monkeypatch):
     src_ids, tgt_id = dg.dataset_ids(env_id, source, per_entry * len(entries), 400)
     obs_dim, act_dim = dg.DIMS[robot]
     reward_per_step = {}
-    for ds_id, (domain, quality, _) in zip(src_ids, dg.parse_source(source)):
+    for ds_id, (domain, quality, *_) in zip(src_ids, dg.parse_source(source)):
         ds = minari.load_dataset(ds_id)
         assert ds.total_steps == per_entry and ds.observation_space.shape == (obs_dim,)
         assert ds.action_space.shape == (act_dim,)

@@ -316,7 +316,8 @@ def test_relabel_full_trajectory_z_constant_within_trajectory():
 
 SOURCE_SPECS = ["a-1:expert:2,b:random", "gravity-0.5:random:1.5,torso-hard:medium:0.5", " x:random , y:expert:.5 ",
                 "x:random:1e3", "x:medium:1E-2", "gravity-0.5", "x:good", "x:random:-1", "x:random:0", "x:random:inf",
-                "x:random:nan", "x:random:-inf", "x:random:1e400", "x:random:abc", "x:random:1:2", "", " , "]
+                "x:random:nan", "x:random:-inf", "x:random:1e400", "x:random:abc", "x:random:1:2", "", " , ",
+                "x:expert@nominal:2", "x:random@nominal", "x:medium@", "x:good@nominal"]
 
 
 @pytest.mark.parametrize("spec", SOURCE_SPECS)

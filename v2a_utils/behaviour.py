@@ -12,7 +12,7 @@ import gymnasium as gym
 import numpy as np
 
 from v2a_utils.errors import DataGenError, one_line
-from v2a_utils.mixtures import parse_source
+from v2a_utils.mixtures import Entry, entry_label, parse_source
 from v2a_utils.repository import ROOT
 from v2a_utils.shifts import make_domain_env
 
@@ -90,34 +90,64 @@ def reference_scores(args, robot: str) -> tuple[float, float]:
     return float(ref_min), float(ref_max)
 
 
+def missing_policy(args, robot: str, path: str, policy: str, entries: list) -> str:
+    """One missing policy file: the command that trains it and, for entries of a shifted domain, the nominal policy as
+    their documented stand-in (`@nominal`: docs/data_gen.md, "Another domain's policy")."""
+    hint = f"{path} (train it: {train_command(args, policy)}"
+    stand_ins = [entry_label(e.domain, e.quality, e.weight, "nominal") for e in entries if e is not None]
+    if policy != "nominal" and stand_ins and os.path.exists(policy_path(args, robot, "nominal")):
+        hint += f"; or collect with the nominal policy instead: {','.join(stand_ins)}"
+    return hint + ")"
+
+
+def check_policies(args, robot: str, needs: list[tuple[str, str, Optional[Entry]]]):
+    """Every behaviour policy in `needs` ((policy domain, quality, the mixture entry it collects or None), ...) exists
+    and loads, before any work: every missing file in one line, each with how to get it."""
+    missing: dict[tuple[str, str], list] = {}
+    for policy, quality, entry in dict.fromkeys(needs):
+        path = policy_path(args, robot, policy)
+        if quality != "random" and not os.path.exists(path):
+            missing.setdefault((path, policy), []).append(entry)
+        else:
+            load_actor(args, robot, policy, quality)
+    if missing:
+        raise DataGenError("missing behaviour policies: "
+                           + "; ".join(missing_policy(args, robot, p, d, es) for (p, d), es in missing.items())
+                           + f"; each takes {POLICY_TRAINING_TIME}, and resumes from its last evaluation if stopped")
+
+
 def measure(args, robot: str) -> list[dict]:
-    """`--measure-episodes N`: the return of each mixture entry's behaviour policy in its own domain, on N episodes
-    (reset seeds 20000 + seed onwards), with deterministic actions and with sampled ones (as the data are collected),
-    and its normalized score 100 (R - ref_min) / (ref_max - ref_min) against the target's reference scores."""
+    """`--measure-episodes N`: the return of each mixture entry's behaviour policy in the entry's domain (the policy of
+    that domain, or of the domain its `@` names), on N episodes (reset seeds 20000 + seed onwards), with deterministic
+    actions and with sampled ones (as the data are collected), and its normalized score 100 (R - ref_min) /
+    (ref_max - ref_min) against the target's reference scores."""
     import torch
 
     n, seed = args.measure_episodes, 20_000 + args.seed
-    for domain, quality, _ in parse_source(args.source):
-        load_actor(args, robot, domain, quality)  # every policy file first: a missing one stops before any episode
+    entries = list(dict.fromkeys(parse_source(args.source)))
+    # every policy file first (the nominal expert's too: the reference scores): a missing one stops before any episode
+    check_policies(args, robot, [(e.policy, e.quality, e) for e in entries] + [("nominal", "expert", None)])
     t0 = time.time()
     ref_min, ref_max = reference_scores(args, robot)
     norm = lambda r: 100 * (r - ref_min) / (ref_max - ref_min)
     print(f"{args.env_id} target reference scores: ref_min_score {ref_min:.1f} (uniform random policy, "
           f"{args.ref_min_episodes} episodes), ref_max_score {ref_max:.1f} (nominal expert, {args.ref_max_episodes} "
           f"deterministic episodes)")
-    print(f"returns of each entry's behaviour policy in its own domain, {n} episodes (reset seeds {seed}-{seed + n - 1}),"
+    print(f"returns of each entry's behaviour policy in the entry's domain, {n} episodes (reset seeds {seed}-{seed + n - 1}),"
           f" mean +- sd (normalized score)")
-    print(f"  {'domain:quality':24s} {'deterministic actions':>30s} {'sampled actions (as collected)':>32s}")
+    labels = [entry_label(e.domain, e.quality, 1.0, e.policy) for e in entries]  # domain:quality[@policy]
+    width = max([24] + [len(x) for x in labels])
+    print(f"  {'domain:quality':{width}s} {'deterministic actions':>30s} {'sampled actions (as collected)':>32s}")
     rows = []
-    for domain, quality, _ in dict.fromkeys(parse_source(args.source)):
-        env = make_domain_env(args.env_id, domain)
-        actor, _ = load_actor(args, robot, domain, quality)
+    for e, label in zip(entries, labels):
+        env = make_domain_env(args.env_id, e.domain)
+        actor, _ = load_actor(args, robot, e.policy, e.quality)
         det = evaluate_policy(env, actor, n, seed=seed)
         torch.manual_seed(seed)
         sampled = evaluate_policy(env, actor, n, seed=seed, deterministic=False)
-        rows.append(dict(domain=domain, quality=quality, deterministic=det, sampled=sampled))
+        rows.append(dict(domain=e.domain, quality=e.quality, policy=e.policy, deterministic=det, sampled=sampled))
         cell = lambda r: f"{r.mean():8.1f} +- {r.std():6.1f} ({norm(r.mean()):5.1f})"
-        print(f"  {domain + ':' + quality:24s} {cell(det):>30s} {cell(sampled):>32s}", flush=True)
+        print(f"  {label:{width}s} {cell(det):>30s} {cell(sampled):>32s}", flush=True)
     print(f"measured in {time.time() - t0:.0f} s")
     return rows
 

@@ -105,7 +105,9 @@ def load_data(args, device: torch.device) -> dict:
         return (x, lens), metas, gap
     tgt_ds = opened[tgt_id][0]
     rows, lens, labels, gaps = [], [], [], []
-    for ds_id, (dom, qual, _) in zip(src_ids, parse_source(args.source)):
+    # A row's labels are its entry's domain and quality, also where another domain's policy collected it (`@`): the
+    # domain is the dynamics its rows follow (the true gap's), the quality the behaviour label of the filters' truth.
+    for ds_id, (dom, qual, *_) in zip(src_ids, parse_source(args.source)):
         ds = opened[ds_id][0]
         if ds.observation_space != tgt_ds.observation_space or ds.action_space != tgt_ds.action_space:
             fail(f"the spaces of {ds_id} ({ds.observation_space}, {ds.action_space}) differ from the target's "

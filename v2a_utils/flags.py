@@ -115,8 +115,9 @@ def earlier_values(args_type, argv: list) -> list[list]:
 
 
 # ---- The checks: every flag, before anything runs (data generation included) --------------------------------------
-def parse_source(spec: str) -> list[tuple[str, str, float]]:
-    """`domain:quality[:weight]` entries -> [(domain, quality, weight)], data_gen.py's grammar and messages."""
+def parse_source(spec: str) -> list[mixtures.Entry]:
+    """`domain:quality[@policy_domain][:weight]` entries -> [Entry(domain, quality, weight, policy)], data_gen.py's
+    grammar and messages."""
     try:
         return mixtures.parse_source(spec)
     except DataGenError as e:
@@ -128,9 +129,10 @@ def expected_generation(args) -> dict[str, dict]:
     target last). The data seed is not a flag here: it is recorded in args.json, not compared."""
     entries = parse_source(args.source)  # first: a malformed --source is one line with this program's name
     src_ids, tgt_id = mixtures.dataset_ids(args.env_id, args.source, args.source_size, args.target_size)
-    total = sum(w for _, _, w in entries)
     rec = lambda dom, q, n, mix: dict(env_id=args.env_id, domain=dom, quality=q, transitions=n, mixture=mix)
-    return {**{i: rec(d, q, int(args.source_size * w / total), args.source) for i, (d, q, w) in zip(src_ids, entries)},
+    sizes = mixtures.entry_sizes(entries, args.source_size)
+    return {**{i: rec(e.domain, e.quality, n, args.source) | mixtures.policy_fields(e)  # + the policy's domain, if @
+               for i, e, n in zip(src_ids, entries, sizes)},
             tgt_id: rec("nominal", "medium", args.target_size, None)}
 
 
@@ -144,7 +146,7 @@ def validate_args(args, variant_stages: dict, filtered: dict, backbone_errors: l
     if args.target_size < 1:
         fail(f"--target-size {args.target_size}: the target dataset would get no transition; the minimum is 1")
     if args.source_size < 1:
-        total = sum(w for _, _, w in entries)
+        total = sum(e.weight for e in entries)
         fail(f"--source-size {args.source_size}: must be a positive number of transitions"
              + (f"; the minimum --source-size for this mixture is {mixtures.min_source_size(entries)}"
                 if math.isfinite(total) else ""))
