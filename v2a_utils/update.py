@@ -10,6 +10,8 @@ import torch._dynamo
 import torch._inductor.config
 import torch.nn as nn
 
+from v2a_utils.matmul import CpuMatmuls
+
 
 def optimize(opt, loss: torch.Tensor, params: Optional[list] = None, clip=None) -> torch.Tensor:
     """zero_grad -> backward into `params` only (all leaves if None) -> optional grad-norm clip -> step. `opt` may be
@@ -41,7 +43,10 @@ def compiled(fn, args, dev: torch.device, opts: tuple = (), static: tuple = ()):
         # torch 2.11's inductor asserts in its loop reordering (reorder_loops_by_dep_pair) on this update on CUDA, seen on
         # an H100; 2.13, the pinned version, declines the reordering there instead. Off, the update compiles (docs/speed.md)
         torch._inductor.config.loop_ordering_after_fusion = False
-    fn_c = torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead" if dev.type == "cuda" else None)
+    if dev.type == "cuda":
+        fn_c = torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead")
+    else:  # each matrix product by its faster kernel (v2a_utils/matmul.py)
+        fn_c = torch.compile(fn, dynamic=False, fullgraph=True, options={"post_grad_custom_post_pass": CpuMatmuls()})
     marked = []
 
     def call(*a, **kw):
