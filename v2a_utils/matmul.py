@@ -8,6 +8,7 @@
 # the sums inside a product). Eager code (--no-compile) is untouched. docs: docs/speed.md
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 MIN_INNER = 16  # oneDNN for an inner dimension of at least this; below it ATen's kernel is as fast (measured)
@@ -20,19 +21,13 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if (s_cols == 1 and s_rows == cols) or (s_rows == 1 and s_cols == rows) else t.contiguous()
 
 
-def _transposed(m: int, n: int) -> bool:
-    """Whether a [m, k] x [k, n] product is computed as its transpose, (b^T a^T)^T: both kernels are faster with the
-    smaller of m and n as the rows."""
-    return n < m
-
-
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for a [m, k] and b [k, n], by the faster kernel (measured, one thread): ATen's for a vector (gemv, an outer
     product) or a thin inner dimension, oneDNN's for the rest."""
     (m, k), n = a.shape, b.shape[1]
-    if _transposed(m, n):
-        return _product(b.t(), a.t()).t()
-    if min(m, k, n) == 1 or k < MIN_INNER:
+    if n < m:  # both kernels are faster with the smaller of m and n as the rows: (b^T a^T)^T
+        return _product(b.t(), a.t()).t().contiguous()  # a copy of at most [256, 15] numbers
+    if min(m, k, n) < MIN_INNER:
         return a @ b
     return torch.ops.mkldnn._linear_pointwise(_dense(a), _dense(b).t(), None, "none", [], "")  # x @ w^T, w = b^T
 
@@ -43,11 +38,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _matmul_meta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """matmul's result without computing it, for the compiler: shape, and strides (a transposed product is a view)."""
-    if a.dim() == 3:
-        return a.new_empty(a.shape[0], a.shape[1], b.shape[2])
-    (m, n) = a.shape[0], b.shape[1]
-    return a.new_empty(n, m).t() if _transposed(m, n) else a.new_empty(m, n)
+    """matmul's result without computing it, for the compiler: its shape (it is contiguous)."""
+    return a.new_empty(*a.shape[:-1], b.shape[-1])
 
 
 _library = torch.library.Library("v2a", "DEF")  # an operator of the compiled graph: torch.ops.v2a.matmul
@@ -69,7 +61,7 @@ class CpuMatmuls(CustomGraphPass):
             if with_bias is None or node.kwargs:  # not a product, or one with beta or alpha
                 continue
             bias, a, b = node.args if with_bias else (None, *node.args)
-            if a.meta["val"].device.type != "cpu" or not a.meta["val"].dtype == b.meta["val"].dtype == torch.float32:
+            if not _rewritable(a.meta["val"], b.meta["val"]):
                 continue
             with graph.inserting_before(node):
                 product = graph.call_function(torch.ops.v2a.matmul.default, (a, b))
@@ -82,3 +74,32 @@ class CpuMatmuls(CustomGraphPass):
 
     def uuid(self) -> bytes:  # inductor's cache key for the pass: this file's text
         return get_hash_for_files((__file__,))
+
+
+def _rewritable(a, b) -> bool:
+    """Whether a product of a and b is one that CpuMatmuls and SameProducts hand to matmul: fp32 on a CPU."""
+    return a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+
+
+class SameProducts(TorchDispatchMode):
+    """The eager twin of CpuMatmuls, for --no-compile: inside `with SameProducts():` every fp32 product on a CPU,
+    forward and backward, is computed by matmul as the compiled update computes it. Without it, compiled and eager
+    runs drift apart: a different kernel rounds a product differently, and Adam's first steps turn a rounding-level
+    gradient (an input feature whose gradient nearly cancels over the batch) into a step of +-lr."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        with_bias = CpuMatmuls.PRODUCTS.get(func)
+        if with_bias is None or kwargs:  # not a product, or one with beta or alpha
+            return func(*args, **(kwargs or {}))
+        bias, a, b = args if with_bias else (None, *args)
+        if not _rewritable(a, b):
+            return func(*args)
+        return matmul(a, b) + bias if with_bias else matmul(a, b)
+
+
+def same_products(fn):
+    """fn, run inside SameProducts."""
+    def call(*args, **kwargs):
+        with SameProducts():
+            return fn(*args, **kwargs)
+    return call

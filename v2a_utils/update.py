@@ -10,7 +10,7 @@ import torch._dynamo
 import torch._inductor.config
 import torch.nn as nn
 
-from v2a_utils.matmul import CpuMatmuls
+from v2a_utils.matmul import CpuMatmuls, same_products
 
 
 def optimize(opt, loss: torch.Tensor, params: Optional[list] = None, clip=None) -> torch.Tensor:
@@ -37,6 +37,8 @@ def compiled(fn, args, dev: torch.device, opts: tuple = (), static: tuple = ()):
     (fallback_random). fullgraph: a graph break raises instead of silently running part of the update eagerly (a
     non-tensor aux in grad_and_value once made TD3+BC's actor steps fall back to eager, 30 % slower)."""
     if not args.compile:
+        if dev.type == "cpu":  # the products by the kernels that the compiled update uses (v2a_utils/matmul.py)
+            return same_products(fn)
         return fn
     torch._inductor.config.fallback_random = True
     if dev.type == "cuda" and tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13):
