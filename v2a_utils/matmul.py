@@ -6,7 +6,10 @@
 # compiles, after the gradients have been derived (AOTAutograd): the forward and backward products stay the same
 # products, only the kernel that computes them changes, so the numbers are the same to float rounding (the order of
 # the sums inside a product). Eager code (--no-compile) is untouched. docs: docs/speed.md
+import math
+
 import torch
+import torch.utils.flop_counter
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -40,6 +43,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _matmul_meta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """matmul's result without computing it, for the compiler: its shape (it is contiguous)."""
     return a.new_empty(*a.shape[:-1], b.shape[-1])
+
+
+@torch.utils.flop_counter.register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+def _linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
+    """oneDNN's x @ w^T, for --bench's FLOP count (torch.utils.flop_counter knows only ATen's products)."""
+    return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
 
 
 _library = torch.library.Library("v2a", "DEF")  # an operator of the compiled graph: torch.ops.v2a.matmul
