@@ -1,12 +1,15 @@
-# The compiled stage-5 update's matrix products on a CPU, each run by the faster of two kernels: oneDNN's or ATen's
-# default (MKL's sgemm). On the AMD EPYC of docs/speed.md, one thread, MKL multiplies 256x256 by 256x256 in fp32 at
-# about 105 GFLOP/s and oneDNN at about 220, the rate at which JAX's XLA runs the same product; MKL is also slow on a
-# product into a few columns (256x256 by 256x11: 85 us, against 23 us for the same numbers as 11x256 by 256x256). The
-# 2x256 MLPs spend four fifths of a compiled step in these products. The swap is a pass over the graph that inductor
-# compiles, after the gradients have been derived (AOTAutograd): the forward and backward products stay the same
-# products, only the kernel that computes them changes, so the numbers are the same to float rounding (the order of
-# the sums inside a product). Eager code (--no-compile) is untouched. docs: docs/speed.md
+# Stage 5's matrix products on a CPU, each run by the faster of two kernels: oneDNN's or ATen's default (MKL's sgemm).
+# On the AMD EPYC of docs/speed.md, one thread, MKL multiplies 256x256 by 256x256 in fp32 at about 105 GFLOP/s and
+# oneDNN at about 220, the rate at which JAX's XLA runs the same product; MKL is also slow on a product into a few
+# columns (256x256 by 256x11: 85 us, against 23 us for the same numbers computed as 11x256 by 256x256). The 2x256 MLPs
+# spend four fifths of a stage-5 step in these products.
+# - Compiled: CpuMatmuls, a pass over the graph that inductor compiles, after the gradients have been derived
+#   (AOTAutograd): the forward and backward products stay the same products, only the kernel that computes each changes.
+# - Eager (--no-compile): SameProducts hands the same products to the same kernels, forward and backward.
+# Both plan a product with product(), so compiled and eager runs compute the same numbers (tests/test_v2a.py), and
+# these are the plain products' to float rounding (the order of the sums inside a product). docs: docs/speed.md
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.utils.flop_counter
@@ -14,7 +17,18 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
-MIN_INNER = 16  # oneDNN for an inner dimension of at least this; below it ATen's kernel is as fast (measured)
+MIN_DIM = 16  # oneDNN for a product whose three dimensions are all at least this; below, ATen's is as fast (measured)
+
+
+def product(a, b, shape_a: tuple, shape_b: tuple, ops):
+    """a @ b for a [m, k] and b [k, n], planned by shape (measured on one thread): with the smaller of m and n as the
+    rows, (b^T a^T)^T where n < m, which both kernels run faster; then ATen's kernel for a vector product (gemv, an
+    outer product) or any dimension under MIN_DIM, oneDNN's for the rest. `ops` (EAGER or the pass's) supplies t, mm
+    and onednn for tensors or for graph nodes."""
+    (m, k), n = shape_a, shape_b[1]
+    if n < m:
+        return ops.t(product(ops.t(b), ops.t(a), (n, k), (k, m), ops))
+    return ops.mm(a, b) if min(m, k, n) < MIN_DIM else ops.onednn(a, b)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -24,25 +38,9 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if (s_cols == 1 and s_rows == cols) or (s_rows == 1 and s_cols == rows) else t.contiguous()
 
 
-def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for a [m, k] and b [k, n], by the faster kernel (measured, one thread): ATen's for a vector (gemv, an outer
-    product) or a thin inner dimension, oneDNN's for the rest."""
-    (m, k), n = a.shape, b.shape[1]
-    if n < m:  # both kernels are faster with the smaller of m and n as the rows: (b^T a^T)^T
-        return _product(b.t(), a.t()).t().contiguous()  # a copy of at most [256, 15] numbers
-    if min(m, k, n) < MIN_INNER:
-        return a @ b
-    return torch.ops.mkldnn._linear_pointwise(_dense(a), _dense(b).t(), None, "none", [], "")  # x @ w^T, w = b^T
-
-
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b: a [m, k] and b [k, n], or batches of them ([E, m, k] and [E, k, n]), one _product per member."""
-    return _product(a, b) if a.dim() == 2 else torch.stack([_product(x, y) for x, y in zip(a, b)])
-
-
-def _matmul_meta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """matmul's result without computing it, for the compiler: its shape (it is contiguous)."""
-    return a.new_empty(*a.shape[:-1], b.shape[-1])
+def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b by oneDNN (its linear layer computes x @ w^T; here w = b^T)."""
+    return torch.ops.mkldnn._linear_pointwise(_dense(a), _dense(b).t(), None, "none", [], "")
 
 
 @torch.utils.flop_counter.register_flop_formula(torch.ops.mkldnn._linear_pointwise)
@@ -51,59 +49,41 @@ def _linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
     return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
 
 
-_library = torch.library.Library("v2a", "DEF")  # an operator of the compiled graph: torch.ops.v2a.matmul
-_library.define("matmul(Tensor a, Tensor b) -> Tensor")
-_library.impl("matmul", matmul, "CPU")
-_library.impl("matmul", _matmul_meta, "Meta")
+_library = torch.library.Library("v2a", "DEF")  # onednn_mm as an operator of the compiled graph: torch.ops.v2a.onednn_mm
+_library.define("onednn_mm(Tensor a, Tensor b) -> Tensor")
+_library.impl("onednn_mm", onednn_mm, "CPU")
+_library.impl("onednn_mm", lambda a, b: a.new_empty(a.shape[0], b.shape[1]), "Meta")  # its result's shape, for the compiler
+
+EAGER = SimpleNamespace(t=torch.t, mm=torch.mm, onednn=onednn_mm)
+PRODUCTS = {aten.mm.default: False, aten.bmm.default: False, aten.addmm.default: True, aten.baddbmm.default: True}
 
 
-class CpuMatmuls(CustomGraphPass):
-    """Inductor's post-grad pass (torch.compile option post_grad_custom_post_pass): every fp32 mm, bmm, addmm and
-    baddbmm on the CPU becomes torch.ops.v2a.matmul, plus the bias for addmm and baddbmm (a sum that inductor fuses
-    into the elementwise kernel after it, e.g. the ReLU)."""
-
-    PRODUCTS = {aten.mm.default: False, aten.bmm.default: False, aten.addmm.default: True, aten.baddbmm.default: True}
-
-    def __call__(self, graph: torch.fx.Graph):
-        for node in list(graph.nodes):
-            with_bias = self.PRODUCTS.get(node.target) if node.op == "call_function" else None
-            if with_bias is None or node.kwargs:  # not a product, or one with beta or alpha
-                continue
-            bias, a, b = node.args if with_bias else (None, *node.args)
-            if not _rewritable(a.meta["val"], b.meta["val"]):
-                continue
-            with graph.inserting_before(node):
-                product = graph.call_function(torch.ops.v2a.matmul.default, (a, b))
-                product.meta["val"] = _matmul_meta(a.meta["val"], b.meta["val"])
-                if with_bias:
-                    product = graph.call_function(aten.add.Tensor, (product, bias))
-                    product.meta["val"] = node.meta["val"]
-            node.replace_all_uses_with(product)
-            graph.erase_node(node)
-
-    def uuid(self) -> bytes:  # inductor's cache key for the pass: this file's text
-        return get_hash_for_files((__file__,))
-
-
-def _rewritable(a, b) -> bool:
-    """Whether a product of a and b is one that CpuMatmuls and SameProducts hand to matmul: fp32 on a CPU."""
-    return a.device.type == "cpu" and a.dtype == b.dtype == torch.float32
+def _operands(func, args, kwargs, val=lambda x: x):
+    """(bias or None, a, b) of a product that the two rewrites take: mm, bmm, addmm or baddbmm without beta and alpha,
+    fp32 on a CPU; None for anything else. `val` gives an argument's tensor (a graph node's is its meta["val"])."""
+    with_bias = PRODUCTS.get(func)
+    if with_bias is None or kwargs:
+        return None
+    bias, a, b = args if with_bias else (None, *args)
+    ta, tb = val(a), val(b)
+    return (bias, a, b) if ta.device.type == "cpu" and ta.dtype == tb.dtype == torch.float32 else None
 
 
 class SameProducts(TorchDispatchMode):
-    """The eager twin of CpuMatmuls, for --no-compile: inside `with SameProducts():` every fp32 product on a CPU,
-    forward and backward, is computed by matmul as the compiled update computes it. Without it, compiled and eager
-    runs drift apart: a different kernel rounds a product differently, and Adam's first steps turn a rounding-level
-    gradient (an input feature whose gradient nearly cancels over the batch) into a step of +-lr."""
+    """--no-compile's twin of CpuMatmuls: inside `with SameProducts():` every product that CpuMatmuls rewrites is
+    computed as the compiled update computes it. Without it compiled and eager runs drift apart: a different kernel
+    rounds a product differently, and Adam's first steps turn a gradient at rounding level (an input whose gradient
+    nearly cancels over the batch) into a step of +-lr."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        with_bias = CpuMatmuls.PRODUCTS.get(func)
-        if with_bias is None or kwargs:  # not a product, or one with beta or alpha
+        if (operands := _operands(func, args, kwargs)) is None:
             return func(*args, **(kwargs or {}))
-        bias, a, b = args if with_bias else (None, *args)
-        if not _rewritable(a, b):
-            return func(*args)
-        return matmul(a, b) + bias if with_bias else matmul(a, b)
+        bias, a, b = operands
+        if a.dim() == 2:
+            out = product(a, b, a.shape, b.shape, EAGER)
+        else:  # a batch of products, one per ensemble member
+            out = torch.stack([product(x, y, x.shape, y.shape, EAGER) for x, y in zip(a, b)])
+        return out if bias is None else out + bias
 
 
 def same_products(fn):
@@ -112,3 +92,39 @@ def same_products(fn):
         with SameProducts():
             return fn(*args, **kwargs)
     return call
+
+
+class CpuMatmuls(CustomGraphPass):
+    """Inductor's post-grad pass (torch.compile option post_grad_custom_post_pass): every fp32 mm, bmm, addmm and
+    baddbmm on the CPU becomes product()'s plan in graph nodes (transposes, aten.mm, v2a.onednn_mm; a batched product
+    one plan per member, stacked), plus the bias for addmm and baddbmm (a sum that inductor fuses into the elementwise
+    kernel after it, e.g. the ReLU)."""
+
+    def __call__(self, graph: torch.fx.Graph):
+        def node(target, *args):  # a graph node and its meta value (what the compiler reads: shape, strides)
+            n = graph.call_function(target, args)
+            n.meta["val"] = target(*torch.fx.node.map_arg(args, lambda a: a.meta["val"]))
+            return n
+
+        # in ops that inductor lowers as they are (it decomposes t and stack before this pass, and not after it)
+        ops = SimpleNamespace(t=lambda x: node(aten.permute.default, x, [1, 0]), mm=lambda a, b: node(aten.mm.default, a, b),
+                              onednn=lambda a, b: node(torch.ops.v2a.onednn_mm.default, a, b))
+        for n in list(graph.nodes):
+            operands = n.op == "call_function" and _operands(n.target, n.args, n.kwargs, lambda x: x.meta["val"])
+            if not operands:
+                continue
+            bias, a, b = operands
+            with graph.inserting_before(n):
+                shape_a, shape_b = a.meta["val"].shape, b.meta["val"].shape
+                if len(shape_a) == 2:
+                    out = product(a, b, shape_a, shape_b, ops)
+                else:
+                    members = [product(node(aten.select.int, a, 0, e), node(aten.select.int, b, 0, e), shape_a[1:],
+                                       shape_b[1:], ops) for e in range(shape_a[0])]
+                    out = node(aten.cat.default, [node(aten.unsqueeze.default, m, 0) for m in members])
+                out = out if bias is None else node(aten.add.Tensor, out, bias)
+            n.replace_all_uses_with(out)
+            graph.erase_node(n)
+
+    def uuid(self) -> bytes:  # inductor's cache key for the pass: this file's text
+        return get_hash_for_files((__file__,))
