@@ -47,8 +47,10 @@ def compiled(fn, args, dev: torch.device, opts: tuple = (), static: tuple = ()):
         torch._inductor.config.loop_ordering_after_fusion = False
     if dev.type == "cuda":
         fn_c = torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead")
-    else:  # each matrix product by its faster kernel (v2a_utils/matmul.py)
-        fn_c = torch.compile(fn, dynamic=False, fullgraph=True, options={"post_grad_custom_post_pass": CpuMatmuls()})
+    else:  # each matrix product by its faster kernel (v2a_utils/matmul.py); the code that launches the kernels in C++,
+        # not Python: about 4 % of a step on one core now that the products take less of it (docs/speed.md)
+        fn_c = torch.compile(fn, dynamic=False, fullgraph=True,
+                             options={"post_grad_custom_post_pass": CpuMatmuls(), "cpp_wrapper": True})
     marked = []
 
     def call(*a, **kw):
