@@ -35,11 +35,11 @@ def compiled(fn, args, dev: torch.device, opts: tuple = (), static: tuple = ()):
     (the state of `opts`, read at the first call, after a checkpoint has been loaded, and `static`) are marked
     static there, so that the graph can be captured. Compiled code draws the same random numbers as eager code
     (fallback_random). fullgraph: a graph break raises instead of silently running part of the update eagerly (a
-    non-tensor aux in grad_and_value once made TD3+BC's actor steps fall back to eager, 30 % slower)."""
+    non-tensor aux in grad_and_value once made TD3+BC's actor steps fall back to eager, 30 % slower). On a CPU each
+    matrix product of the graph runs on the faster of oneDNN's and ATen's kernels (CpuMatmuls), and --no-compile runs
+    `fn` inside SameProducts, which computes the same products alike: both modes give the same numbers."""
     if not args.compile:
-        if dev.type == "cpu":  # the products by the kernels that the compiled update uses (v2a_utils/matmul.py)
-            return same_products(fn)
-        return fn
+        return same_products(fn) if dev.type == "cpu" else fn
     torch._inductor.config.fallback_random = True
     if dev.type == "cuda" and tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13):
         # torch 2.11's inductor asserts in its loop reordering (reorder_loops_by_dep_pair) on this update on CUDA, seen on
