@@ -212,13 +212,14 @@ class EnsembleMLP(nn.Module):
             bias = torch.empty(ensemble, 1, n).uniform_(-bound, bound)
             self.b.append(nn.Parameter(bias.fill_(0.1) if decoder_init and not last else bias))
 
-    def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None, group: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None, group: Optional[torch.Tensor] = None, member=None):
         """x [N, in] (shared by all members) or [E, N, in] -> [E, N, out]. With z [G, dz] and group [N], the input of
         row i is [x_i, z_group[i]]: z's share of the first layer is computed once per z, not per row (the same
-        function, fewer FLOPs: the TC-ELBO decoder sees one z per 200-step window)."""
-        E = self.w[0].shape[0]
+        function, fewer FLOPs: the TC-ELBO decoder sees one z per 200-step window). member k: member k alone, [1, N, out]."""
+        sel = slice(None) if member is None else slice(member, member + 1)  # a loss that reads Q1 only: 1/E of the work
+        E = self.w[0][sel].shape[0]
         x = x.expand(E, *x.shape) if x.dim() == 2 else x
-        for i, (w, b) in enumerate(zip(self.w, self.b)):
+        for i, (w, b) in enumerate((w[sel], b[sel]) for w, b in zip(self.w, self.b)):
             if i == 0 and z is not None:
                 nx = x.shape[-1]
                 x = torch.baddbmm(b, x, w[:, :nx]) + torch.matmul(z, w[:, nx:])[:, group]

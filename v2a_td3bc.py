@@ -198,13 +198,14 @@ class EnsembleMLP(nn.Module):
             bias = torch.empty(ensemble, 1, n).uniform_(-bound, bound)
             self.b.append(nn.Parameter(bias.fill_(0.1) if decoder_init and not last else bias))
 
-    def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None, group: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None, group: Optional[torch.Tensor] = None, member=None):
         """x [N, in] (shared by all members) or [E, N, in] -> [E, N, out]. With z [G, dz] and group [N], the input of
         row i is [x_i, z_group[i]]: z's share of the first layer is computed once per z, not per row (the same
-        function, fewer FLOPs: the TC-ELBO decoder sees one z per 200-step window)."""
-        E = self.w[0].shape[0]
+        function, fewer FLOPs: the TC-ELBO decoder sees one z per 200-step window). member k: member k alone, [1, N, out]."""
+        sel = slice(None) if member is None else slice(member, member + 1)  # a loss that reads Q1 only: 1/E of the work
+        E = self.w[0][sel].shape[0]
         x = x.expand(E, *x.shape) if x.dim() == 2 else x
-        for i, (w, b) in enumerate(zip(self.w, self.b)):
+        for i, (w, b) in enumerate((w[sel], b[sel]) for w, b in zip(self.w, self.b)):
             if i == 0 and z is not None:
                 nx = x.shape[-1]
                 x = torch.baddbmm(b, x, w[:, :nx]) + torch.matmul(z, w[:, nx:])[:, group]
@@ -619,7 +620,7 @@ def make_learner(run: Run, batch: Callable) -> utils.Learner:
 
     def actor_loss_(actor_params: dict, s: torch.Tensor, a: torch.Tensor):
         pi = functional_call(actor, actor_params, s)
-        loss = td3bc_actor_loss(qf(torch.cat([s, pi], -1))[0].squeeze(-1), pi, a, args.alpha)
+        loss = td3bc_actor_loss(qf(torch.cat([s, pi], -1), member=0)[0].squeeze(-1), pi, a, args.alpha)
         return loss, loss.detach()  # a tensor aux: with None, torch.func.grad_and_value breaks the compiled graph
 
     @torch.no_grad()  # utils.grad_and_value computes the gradients; nothing else needs an autograd graph

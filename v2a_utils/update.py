@@ -10,6 +10,8 @@ import torch._dynamo
 import torch._inductor.config
 import torch.nn as nn
 
+from v2a_utils.matmul import CpuMatmuls, same_products
+
 
 def optimize(opt, loss: torch.Tensor, params: Optional[list] = None, clip=None) -> torch.Tensor:
     """zero_grad -> backward into `params` only (all leaves if None) -> optional grad-norm clip -> step. `opt` may be
@@ -33,15 +35,22 @@ def compiled(fn, args, dev: torch.device, opts: tuple = (), static: tuple = ()):
     (the state of `opts`, read at the first call, after a checkpoint has been loaded, and `static`) are marked
     static there, so that the graph can be captured. Compiled code draws the same random numbers as eager code
     (fallback_random). fullgraph: a graph break raises instead of silently running part of the update eagerly (a
-    non-tensor aux in grad_and_value once made TD3+BC's actor steps fall back to eager, 30 % slower)."""
+    non-tensor aux in grad_and_value once made TD3+BC's actor steps fall back to eager, 30 % slower). On a CPU each
+    matrix product of the graph runs on the faster of oneDNN's and ATen's kernels (CpuMatmuls), and --no-compile runs
+    `fn` inside SameProducts, which computes the same products alike: both modes give the same numbers."""
     if not args.compile:
-        return fn
+        return same_products(fn) if dev.type == "cpu" else fn
     torch._inductor.config.fallback_random = True
     if dev.type == "cuda" and tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13):
         # torch 2.11's inductor asserts in its loop reordering (reorder_loops_by_dep_pair) on this update on CUDA, seen on
         # an H100; 2.13, the pinned version, declines the reordering there instead. Off, the update compiles (docs/speed.md)
         torch._inductor.config.loop_ordering_after_fusion = False
-    fn_c = torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead" if dev.type == "cuda" else None)
+    if dev.type == "cuda":
+        fn_c = torch.compile(fn, dynamic=False, fullgraph=True, mode="reduce-overhead")
+    else:  # each matrix product by its faster kernel (v2a_utils/matmul.py); the code that launches the kernels in C++,
+        # not Python: about 4 % of a step on one core now that the products take less of it (docs/speed.md)
+        fn_c = torch.compile(fn, dynamic=False, fullgraph=True,
+                             options={"post_grad_custom_post_pass": CpuMatmuls(), "cpp_wrapper": True})
     marked = []
 
     def call(*a, **kw):
