@@ -54,9 +54,8 @@ class Args:
     """the nominal (target) environment; selects the Minari datasets `v2a/<env-id>/...`"""
     source: Optional[str] = None
     """the source mixture, `domain:quality[@policy_domain][:weight]` entries (same grammar as data_gen.py; `@`: collected
-    by that domain's behaviour policy), or a named mixture
-    (`crossed`: Hopper's two domains x two qualities, v2a_utils/mixtures.py's NAMED_SOURCES); None: the robot's default
-    (Hopper: torso-hard:random,gravity-0.5:expert,legjnt-hard:medium; see v2a_utils/mixtures.py's DEFAULT_SOURCES)"""
+    by that domain's behaviour policy), or a named mixture (`crossed`: Hopper's two domains x two qualities); None: the
+    robot's default (Hopper: torso-hard:random,gravity-0.5:expert,legjnt-hard:medium; v2a_utils/mixtures.py)"""
     source_size: int = 1_000_000
     """total transitions of the source mixture"""
     target_size: int = 100_000
