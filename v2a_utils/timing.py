@@ -48,7 +48,8 @@ def matmul_rate(dev: torch.device, m: int = 192, k: int = 256, n: int = 256, sec
 # episodes: cheap; the crossed mixture's long ones: 3.5x Hopper's default). The rates are the iterations/s measured on
 # each robot's default mixture times its crop steps per iteration. Stage 5's include its evaluations. The estimate
 # scales them by machine_speed(): another CPU, or this one with other work on its cores, runs at other rates (a fresh
-# cloud machine ran stage 1 at half of them).
+# cloud machine ran stage 1 at half of them). Stage 5's predate its faster matrix products (docs/speed.md: the compiled
+# step 1.7-1.9x as fast; the evaluations are not): until they are measured again, its estimate errs long.
 CPU_RATES = dict(tc_elbo={"Hopper": 9000.0, "Walker2d": 4900.0, "HalfCheetah": 5800.0, "Ant": 4800.0}, sql=100.0, info=200.0,
                  ot_seconds_per_million_rows=350.0, vae=40.0, stage5={"v2a_iql.py": 200.0, "v2a_td3bc.py": 240.0},
                  stage5_dataset_constraint=8.6)
