@@ -559,3 +559,15 @@ def test_report_lists_the_datasets_fingerprints(tmp_path):
     md = open(tmp_path / "docs" / "results" / "fx.md").read()
     assert "| `v2a/hopper-v4/target/medium-5k-v0` | `aaaa0000bbbb1111` | AMD EPYC | 1 |" in md
     assert "| `v2a/hopper-v4/target/medium-5k-v0` | `not recorded` | machine not recorded | 1 |" in md
+
+
+def test_the_index_names_a_sweep_of_filter_only_runs(tmp_path):
+    """A page with filter accuracy and no score table is listed as such, not as a sweep without runs."""
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    (pages / "ft.md").write_text("# Results: sweep `ft`\n\n## Filter accuracy\n\n## Reading\n")
+    (pages / "empty.md").write_text("# Results: sweep `empty`\n\n## Setup\n")
+    report.write_index(str(pages), str(tmp_path / "index.md"))
+    index = (tmp_path / "index.md").read_text()
+    assert "- **[ft](pages/ft.md)**: filter accuracy only (--filter-only runs, no scores)" in index
+    assert "- **[empty](pages/empty.md)**: no runs yet" in index
