@@ -35,6 +35,7 @@ import gymnasium as gym  # noqa: E402
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
+from v2a_utils import mixtures  # noqa: E402
 from v2a_utils.behaviour import (  # noqa: E402
     SAC_WARMUP_STEPS,
     check_policies,
@@ -49,6 +50,7 @@ from v2a_utils.data_truth import GAP_KEY, GapProbe, gap_report, provenance_metad
 from v2a_utils.errors import DataGenError, no_space, one_line  # noqa: E402
 from v2a_utils.mixtures import (  # noqa: E402
     MAX_DATASET_TRANSITIONS,
+    TARGET,
     Entry,
     dataset_ids,
     entry_label,
@@ -362,15 +364,9 @@ def episode_summary(ds) -> str:
             f"return {np.mean(returns):8.1f} +- {np.std(returns):7.1f}")
 
 
-TARGET = Entry("nominal", "medium", 1.0, "nominal")  # the target dataset, as a job: the nominal medium policy's data
-
-
 def generation_record(args: Args, entry: Entry, n: int) -> dict:
-    """What makes a dataset (its `v2a_generation`): re-running with the same values reuses it. An entry collected by
-    another domain's policy adds `policy_domain`; without `@` the record is byte for byte what it always was, so the
-    datasets made before are reused and the checkpoints keyed on their records stay valid."""
-    return {"env_id": args.env_id, "domain": entry.domain, "quality": entry.quality, "transitions": n,
-            "seed": args.seed, "mixture": args.source if entry.domain != "nominal" else None, **policy_fields(entry)}
+    """The dataset's `v2a_generation` (v2a_utils/mixtures.py): what makes it; re-running with the same values reuses it."""
+    return mixtures.generation_record(args.env_id, entry, n, args.source, args.seed)
 
 
 def plan(args: Args, robot: str, jobs: list) -> list:

@@ -129,11 +129,10 @@ def expected_generation(args) -> dict[str, dict]:
     target last). The data seed is not a flag here: it is recorded in args.json, not compared."""
     entries = parse_source(args.source)  # first: a malformed --source is one line with this program's name
     src_ids, tgt_id = mixtures.dataset_ids(args.env_id, args.source, args.source_size, args.target_size)
-    rec = lambda dom, q, n, mix: dict(env_id=args.env_id, domain=dom, quality=q, transitions=n, mixture=mix)
+    record = lambda entry, n: mixtures.generation_record(args.env_id, entry, n, args.source, seed=None)
     sizes = mixtures.entry_sizes(entries, args.source_size)
-    return {**{i: rec(e.domain, e.quality, n, args.source) | mixtures.policy_fields(e)  # + the policy's domain, if @
-               for i, e, n in zip(src_ids, entries, sizes)},
-            tgt_id: rec("nominal", "medium", args.target_size, None)}
+    return {**{i: record(e, n) for i, e, n in zip(src_ids, entries, sizes)},
+            tgt_id: record(mixtures.TARGET, args.target_size)}
 
 
 def validate_args(args, variant_stages: dict, filtered: dict, backbone_errors: list[str]):

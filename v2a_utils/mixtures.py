@@ -125,6 +125,19 @@ def policy_fields(entry: Entry) -> dict:
     return {"policy_domain": entry.policy} if entry.foreign else {}
 
 
+TARGET = Entry("nominal", "medium", 1.0, "nominal")  # the target dataset, as an entry: the nominal medium policy's data
+
+
+def generation_record(env_id: str, entry: Entry, n: int, mixture: Optional[str], seed: Optional[int]) -> dict:
+    """What makes a dataset, stored in it as `v2a_generation` by data_gen.py: re-running with the same values reuses it.
+    An entry collected by another domain's policy adds `policy_domain`; without `@` the record is byte for byte what it
+    always was, so the datasets made before are reused and the checkpoints keyed on their records stay valid. seed
+    None: the record as the training scripts check it (the data seed is no flag of theirs: recorded, not compared)."""
+    record = {"env_id": env_id, "domain": entry.domain, "quality": entry.quality, "transitions": n, "seed": seed,
+              "mixture": mixture if entry.domain != "nominal" else None, **policy_fields(entry)}
+    return record if seed is not None else {k: v for k, v in record.items() if k != "seed"}
+
+
 MAX_DATASET_TRANSITIONS = 10_000_000  # per dataset
 
 
