@@ -177,12 +177,12 @@ def exit_in_one_line(e: BaseException):
     run in one line, without a traceback, naming the command that continues it; anything else is raised again."""
     if isinstance(e, KeyboardInterrupt):
         fail(str(e) or "interrupted before the run folder was made: nothing to continue; run the same command again")
-    if no_space(e) and RESUME["dir"] is None:
+    if not no_space(e):
+        raise e
+    if RESUME["dir"] is None:
         fail("no space left on device, before the run folder was made: make room and run the same command again")
-    if no_space(e):
-        fail(f"no space left on device while writing {RESUME['dir']} (its TensorBoard event files); the checkpoints "
-             f"written before are intact: make room, then continue the run with {RESUME['command']}")
-    raise e
+    fail(f"no space left on device while writing {RESUME['dir']} (its TensorBoard event files); the checkpoints "
+         f"written before are intact: make room, then continue the run with {RESUME['command']}")
 
 
 # ---- Checkpoints and files, written whole ---------------------------------------------------------------------------
